@@ -1,0 +1,1569 @@
+"""
+ddpm_mnist.py: a Denoising Diffusion Probabilistic Model, from scratch, on MNIST.
+
+A DDPM learns to generate images by learning to undo noise. A fixed forward process
+adds a little Gaussian noise at each of T steps until a digit becomes pure noise; a
+U-Net is trained to predict the noise that was added at any step, and sampling runs
+the chain backwards from pure noise, removing the predicted noise one step at a time.
+
+    DDPM: Ho, Jain, Abbeel 2020, https://arxiv.org/abs/2006.11239  (Eq. / Alg. below)
+    DDIM: Song, Meng, Ermon 2020, https://arxiv.org/abs/2010.02502 (DDIM Eq. below)
+
+The file reads top to bottom like the case study it implements: config, noise
+schedule, forward process, U-Net, EMA, data, training, samplers, evaluation and
+pictures, command line.
+
+    python ddpm_mnist.py train                      # the case-study recipe (GPU: minutes)
+    python ddpm_mnist.py train --preset cpu         # a smaller recipe for a laptop CPU
+    python ddpm_mnist.py train --resume             # continue a killed run exactly
+    python ddpm_mnist.py sample --sampler ddim --steps 50
+    python ddpm_mnist.py sample --sampler ddpm --gif --n 16 --out samples/denoise.gif
+    python ddpm_mnist.py evaluate --ckpt runs/ddpm/ckpt.pt   # FID, digit classes, copies
+    python ddpm_mnist.py compare --ckpt runs/ddpm/ckpt.pt    # DDPM-1000 vs DDIM-10..100
+    python ddpm_mnist.py bench                      # throughput, FLOPs, sampling time
+    python ddpm_mnist.py forward                    # one digit at growing noise levels
+    python ddpm_mnist.py interpolate                # morph between two starting noises
+    python ddpm_mnist.py progress --run-dir runs/ddpm  # the per-epoch grids in one picture
+
+Every subcommand explains its flags with --help.
+"""
+import argparse
+import copy
+import csv
+import io
+import json
+import math
+import os
+import pickle
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np  # comes with torchvision; used only to write .npz files
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.transforms.functional import to_pil_image
+from torchvision.utils import make_grid
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# Config: the case study's recipe, in one place. argparse reads its defaults here.
+
+
+@dataclass
+class Config:
+    # Step 1, noise schedule (DDPM Sec. 4: linear betas, T = 1000)
+    T: int = 1000                # number of diffusion steps
+    beta_1: float = 1e-4         # beta at the paper's t = 1: almost no noise added
+    beta_T: float = 0.02         # beta at the paper's t = T: x_T is close to N(0, I)
+    # Step 3, U-Net
+    channels: tuple = (64, 128, 256, 256)  # widths of the 28, 14, 7 and 3 px levels
+    num_res_blocks: int = 2      # residual blocks per level
+    # Step 4, training
+    lr: float = 2e-4             # AdamW learning rate
+    weight_decay: float = 1e-4   # AdamW decoupled weight decay
+    batch_size: int = 128
+    epochs: int = 50             # 50 x 468 = 23,400 steps
+    ema_decay: float = 0.9999    # EMA of the weights, what sampling uses
+    seed: int = 0
+    precision: str = "auto"      # auto: bf16 autocast where the device runs it fast, else fp32
+    grid_n: int = 64             # EMA samples drawn into a grid after every epoch (0: none)
+    preset: str = "paper"
+
+
+PRESETS = {
+    "paper": Config(),
+    # Chosen by measurement on a 2-core AVX512-BF16 CPU (README, "CPU preset"): a quarter
+    # of the widths is about 4x fewer FLOPs, and a larger learning rate with a shorter
+    # EMA suits a run of a few thousand steps.
+    "cpu": Config(channels=(32, 64, 128, 128), epochs=5, lr=1e-3, ema_decay=0.999, grid_n=64, preset="cpu"),
+}
+IMAGE_SIZE = 28
+GROUPS = 8                       # GroupNorm groups, so every width must divide by 8
+
+
+def config_from_dict(d):
+    """Rebuild a Config from a checkpoint's plain dict (unknown keys are ignored)."""
+    names = {f.name for f in fields(Config)}
+    cfg = Config(**{k: v for k, v in d.items() if k in names})
+    return replace(cfg, channels=tuple(int(c) for c in cfg.channels))
+
+
+# -----------------------------------------------------------------------------
+# Step 1: the noise schedule.
+#
+# Timestep convention, used everywhere below: an index t in 0..T-1 is the paper's
+# timestep t+1. So betas[0] is the paper's beta_1, alphas_cumprod[T-1] is alpha_bar_T,
+# and alphas_cumprod_prev[0] = 1 stands for alpha_bar_0 (no noise at all).
+
+
+class NoiseSchedule(nn.Module):
+    """Linear betas and every quantity derived from them, as float32 buffers.
+
+    Computed once in float64 (1 - alpha_bar_t underflows in float32 near t = 0), cast to
+    float32 and registered by name, so `.to(device)` moves them and a reader can grep
+    each one against the original DDPM code, whose names these are.
+    """
+
+    def __init__(self, T=1000, beta_1=1e-4, beta_T=0.02):
+        super().__init__()
+        self.T = T
+        betas = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)                     # alpha_bar_t
+        alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)  # alpha_bar_{t-1}
+        # Eq. 7: the forward posterior q(x_{t-1} | x_t, x_0) = N(mean, beta_tilde_t I)
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        buffers = dict(
+            betas=betas,
+            alphas=alphas,
+            alphas_cumprod=alphas_cumprod,
+            alphas_cumprod_prev=alphas_cumprod_prev,
+            sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
+            sqrt_one_minus_alphas_cumprod=(1.0 - alphas_cumprod).sqrt(),
+            sqrt_recip_alphas_cumprod=(1.0 / alphas_cumprod).sqrt(),
+            sqrt_recipm1_alphas_cumprod=(1.0 / alphas_cumprod - 1.0).sqrt(),
+            posterior_variance=posterior_variance,
+            posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+            posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+        )
+        for name, value in buffers.items():
+            self.register_buffer(name, value.float(), persistent=False)
+        assert self.alphas_cumprod_prev[0] == 1.0 and self.posterior_variance[0] == 0.0, \
+            "index 0 must be the paper's t = 1, whose posterior is the data itself"
+
+
+def extract(a, t, x):
+    """Pick a[t] per batch element and shape it to broadcast over x: (B,) -> (B, 1, 1, 1)."""
+    return a[t].view(-1, *([1] * (x.dim() - 1)))
+
+
+# -----------------------------------------------------------------------------
+# Step 2: the forward process, in closed form.
+
+
+def q_sample(schedule, x0, t, noise):
+    """Eq. 4: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, for any t at once."""
+    return extract(schedule.sqrt_alphas_cumprod, t, x0) * x0 + \
+        extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+
+NoiseSchedule.q_sample = q_sample  # also callable as schedule.q_sample(x0, t, noise)
+
+
+# -----------------------------------------------------------------------------
+# Step 3: the U-Net that predicts the noise, eps_theta(x_t, t).
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of integer timesteps, (B,) -> (B, dim), as in the Transformer.
+
+    Nearby t get nearby vectors, so the network sees the noise level as a smooth quantity
+    rather than 1000 unrelated classes.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None, :]                        # (B, half)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)               # (B, dim)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, twice, with the time embedding added in between."""
+
+    def __init__(self, c_in, c_out, t_dim):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(GROUPS, c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.t_proj = nn.Linear(t_dim, c_out)
+        self.norm2 = nn.GroupNorm(GROUPS, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, t_emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.t_proj(t_emb)[:, :, None, None]                    # (B, C) -> (B, C, 1, 1)
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    """A 3x3 stride-2 conv. Padding 1 on even sizes (28 -> 14 -> 7), none on odd ones,
+    so 7 -> 3 exactly and the three windows (rows 0-2, 2-4, 4-6) still see every pixel."""
+
+    def __init__(self, c, size):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=1 if size % 2 == 0 else 0)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour resize to the skip's size, then a 3x3 conv to its width.
+    Resizing to a given size (not x2) is what makes 3 -> 7 come out right."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+
+    def forward(self, x, size):
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t): (B, 1, 28, 28) images and (B,) integer timesteps -> (B, 1, 28, 28).
+
+    Encoder: at each of the 4 levels (28, 14, 7, 3 px) `num_res_blocks` ResBlocks, then a
+    downsample. The 3 px level is the bottom of the U and plays the role of the middle
+    block. Decoder: at 7, 14, 28 px, upsample, concatenate the encoder's output at that
+    size, then `num_res_blocks` ResBlocks.
+
+    Decoder layout, chosen for the case study's "about 10M parameters": one skip per
+    level, concatenated into the first decoder block. The original DDPM U-Net keeps a
+    skip after every block and has one more decoder block per level; at these widths that
+    comes to about 20M parameters and twice the decoder FLOPs, for no visible gain on
+    28 px digits. No attention layers: the case study has none, and at 7 and 3 px the
+    convolutions already see the whole image.
+    """
+
+    def __init__(self, channels=(64, 128, 256, 256), num_res_blocks=2):
+        super().__init__()
+        c0, t_dim = channels[0], 4 * channels[0]
+        self.c0 = c0
+        # 2-layer MLP on the sinusoidal embedding; its SiLU'd output feeds every block
+        self.time_mlp = nn.Sequential(nn.Linear(c0, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim), nn.SiLU())
+        self.stem = nn.Conv2d(1, c0, 3, padding=1)
+        self.sizes = [IMAGE_SIZE]
+        self.enc, self.down = nn.ModuleList(), nn.ModuleList()
+        c_prev = c0
+        for i, c in enumerate(channels):
+            self.enc.append(nn.ModuleList(
+                [ResBlock(c_prev if j == 0 else c, c, t_dim) for j in range(num_res_blocks)]))
+            if i < len(channels) - 1:
+                size = self.sizes[-1]
+                self.down.append(Downsample(c, size))
+                self.sizes.append((size + (2 if size % 2 == 0 else 0) - 3) // 2 + 1)
+            c_prev = c
+        self.up, self.dec = nn.ModuleList(), nn.ModuleList()
+        for i in reversed(range(len(channels) - 1)):                    # 7, 14, 28 px
+            c = channels[i]
+            self.up.append(Upsample(channels[i + 1], c))
+            self.dec.append(nn.ModuleList(
+                [ResBlock(2 * c if j == 0 else c, c, t_dim) for j in range(num_res_blocks)]))
+        self.out = nn.Sequential(nn.GroupNorm(GROUPS, c0), nn.SiLU(), nn.Conv2d(c0, 1, 3, padding=1))
+
+    def forward(self, x, t):
+        t_emb = self.time_mlp(timestep_embedding(t, self.c0))           # (B,) -> (B, 4*c0)
+        h = self.stem(x)                                                # (B, c0, 28, 28)
+        skips = []
+        for i, blocks in enumerate(self.enc):
+            for block in blocks:
+                h = block(h, t_emb)
+            if i < len(self.down):
+                skips.append(h)
+                h = self.down[i](h)                                     # 28 -> 14 -> 7 -> 3
+        for up, blocks in zip(self.up, self.dec):
+            skip = skips.pop()
+            h = up(h, skip.shape[-2:])                                  # 3 -> 7 -> 14 -> 28
+            h = torch.cat([h, skip], dim=1)                             # (B, 2c, H, W)
+            for block in blocks:
+                h = block(h, t_emb)
+        return self.out(h)
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# Step 4a: EMA of the weights.
+#
+# Sampling uses an exponential moving average of the weights: it averages out the noise
+# of the last few thousand SGD steps, which the case study found "critical" for clean
+# samples. With decay 0.9999 the average spans ~10k steps, almost half of a 23k-step run,
+# so without a warm-up the random initial weights would still weigh e^-2.3 = 10% at the
+# end. The warm-up decay_n = min(decay, (1 + n) / (10 + n)) makes the early average short.
+
+
+def ema_decay_at(n, decay):
+    return min(decay, (1 + n) / (10 + n))
+
+
+@torch.no_grad()
+def ema_update(ema_params, params, decay):
+    """ema <- decay * ema + (1 - decay) * theta, for every tensor in one fused call."""
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+# -----------------------------------------------------------------------------
+# Data: MNIST as one uint8 tensor on the device.
+#
+# The whole training set is 47 MB as uint8, so it lives on the device and a batch is an
+# index into it: no DataLoader workers, no per-image Python on the hot path.
+
+
+class UserError(Exception):
+    """Bad input: main() prints the message as one line and exits with code 2."""
+
+
+def mnist_raw_folder(data_dir):
+    return Path(data_dir) / "MNIST" / "raw"
+
+
+def load_mnist(data_dir, train=True):
+    """(N, 28, 28) uint8 images and (N,) labels, via torchvision (downloads if missing)."""
+    raw = mnist_raw_folder(data_dir)
+    made = [p for p in (raw, raw.parent, Path(data_dir)) if not p.exists()]
+    try:
+        ds = torchvision.datasets.MNIST(data_dir, train=train, download=True)
+    except Exception as e:  # no network, a proxy error, a partial file...
+        for p in made:  # leave no empty folders behind
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+        raise UserError(f"--data-dir {data_dir}: MNIST is missing and could not be downloaded "
+                        f"({type(e).__name__}); put the four IDX files (train-images-idx3-ubyte, ...) "
+                        f"in {raw}") from None
+    return ds.data, ds.targets
+
+
+def epoch_batches(n, batch_size, seed, epoch):
+    """The index batches of one epoch, (n // batch_size, batch_size).
+
+    The order depends only on (seed, epoch), so a resumed run replays it exactly. The
+    last partial batch is dropped so every step has the same shape (a different tail
+    is dropped each epoch).
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    steps = n // batch_size
+    return perm[: steps * batch_size].view(steps, batch_size)
+
+
+def to_model_range(images_uint8):
+    """uint8 (B, 28, 28) in 0..255 -> float (B, 1, 28, 28) in [-1, 1]."""
+    return images_uint8.unsqueeze(1).float() / 127.5 - 1.0
+
+
+def to_uint8(x):
+    """float (B, 1, 28, 28) in [-1, 1] -> uint8 (B, 28, 28), rounding to nearest."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).squeeze(1)
+
+
+# -----------------------------------------------------------------------------
+# Step 4b: training.
+
+
+def resolve_device(name):
+    """'auto' picks cuda, then mps, then cpu; everything else follows this device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps: MPS is not available on this machine; use --device cpu or auto")
+    return torch.device(name)
+
+
+def use_bf16(device, precision):
+    """bf16 autocast on CUDA and on CPUs with native bf16 matmuls (AVX512-BF16, AMX)."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def autocast(device, bf16):
+    # Weights, optimizer state and EMA stay float32; only matmuls and convs run in bf16.
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def set_fast_math(device):
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True          # shapes never change: pick the fastest conv
+
+
+def make_optimizer(model, cfg, device):
+    # Fused AdamW updates all tensors in one kernel on CUDA.
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             fused=device.type == "cuda")
+
+
+def diffusion_loss(model, schedule, x0, generator, bf16=False):
+    """Alg. 1: t ~ Uniform, eps ~ N(0, I), loss = || eps - eps_theta(x_t, t) ||^2."""
+    B = x0.shape[0]
+    t = torch.randint(0, schedule.T, (B,), device=x0.device, generator=generator)  # paper's 1..T
+    eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+    x_t = schedule.q_sample(x0, t, eps)
+    with autocast(x0.device, bf16):
+        eps_theta = model(x_t, t)
+    return F.mse_loss(eps_theta.float(), eps)
+
+
+def train_step(model, fwd, ema, opt, schedule, x0, generator, bf16, ema_n, cfg):
+    """One optimizer step and one EMA update; returns the loss as a 0-d device tensor."""
+    loss = diffusion_loss(fwd, schedule, x0, generator, bf16)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    ema_update(list(ema.parameters()), list(model.parameters()), ema_decay_at(ema_n, cfg.ema_decay))
+    return loss.detach()
+
+
+# --- files that survive a kill at any instant --------------------------------
+
+
+def atomic_write(path, write):
+    """write(f) into a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    A rename within one folder is atomic, so a kill at any instant leaves either the old
+    file or the new one, never a truncated one; the old one stays until the new is whole.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def save_png(image, path):
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
+
+
+def save_text(text, path):
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def grid_image(images_uint8, nrow=8):
+    """uint8 (N, 28, 28) -> one PIL grayscale grid, white lines between the digits."""
+    grid = make_grid(images_uint8.unsqueeze(1).cpu(), nrow=nrow, padding=2, pad_value=255)
+    return to_pil_image(grid[0])
+
+
+# --- checkpoints --------------------------------------------------------------
+
+
+def save_checkpoint(path, cfg, model, ema, opt, step, state):
+    ckpt = dict(config=asdict(cfg), model=model.state_dict(), ema=ema.state_dict(),
+                opt=opt.state_dict(), step=step, **state,
+                versions=dict(torch=str(torch.__version__)))
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def load_checkpoint(path, flag="--ckpt"):
+    """torch.load with weights_only=True: tensors and plain data only, so a checkpoint
+    can never run code. Every failure is one line for the user, never a traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: no such file (train first, or use --ckpt samples/ema_fp16.pt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{flag} {path}: refused: it holds pickled Python objects that could run code; "
+                        "nothing in it was executed") from None
+    except Exception as e:
+        raise UserError(f"{flag} {path}: not a readable checkpoint, truncated or not made by torch.save "
+                        f"({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or \
+            not isinstance(ckpt.get("ema", ckpt.get("model")), dict):
+        raise UserError(f"{flag} {path}: not a ddpm_mnist checkpoint (it needs 'config' and 'ema' entries)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, weights="ema", flag="--ckpt"):
+    """Rebuild the network that the checkpoint's config describes and load its weights
+    (float32, also from the fp16 file in samples/)."""
+    cfg = config_from_dict(ckpt["config"])
+    check_channels(cfg.channels, flag)
+    state = ckpt.get(weights) if weights in ckpt else None
+    if state is None:
+        raise UserError(f"{flag}: this checkpoint has no '{weights}' weights (it has: "
+                        f"{', '.join(k for k in ('ema', 'model') if k in ckpt)})")
+    model = UNet(cfg.channels, cfg.num_res_blocks)
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+    except (RuntimeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{flag}: its weights do not fit the network its config describes "
+                        f"(channels {cfg.channels}): {first}") from None
+    return model.eval().requires_grad_(False), cfg
+
+
+def check_channels(channels, flag="--channels"):
+    if len(channels) != 4 or any(c < GROUPS or c % GROUPS for c in channels):
+        raise UserError(f"{flag} {','.join(map(str, channels))}: need 4 widths (one per 28, 14, 7, 3 px "
+                        f"level), each a positive multiple of {GROUPS} (the GroupNorm groups)")
+
+
+# --- the training loop --------------------------------------------------------
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def check_finite(recent, first_step):
+    """recent: the per-step losses since the last check. Raise at the first bad step.
+    Checking in windows keeps the GPU from waiting on the CPU at every step."""
+    if not recent:
+        return
+    losses = torch.stack(recent).cpu()
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        raise NonFiniteLoss(first_step + int(bad[0]))
+
+
+def epoch_grid(ema, schedule, cfg, device, bf16, path):
+    """EMA samples from the same starting noise every epoch, so the grids show progress."""
+    x_T = torch.randn(cfg.grid_n, 1, IMAGE_SIZE, IMAGE_SIZE,
+                      generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
+    with autocast(device, bf16):
+        x0 = ddim_sample(ema, schedule, x_T, steps=50)
+    save_png(grid_image(to_uint8(x0)), path)
+
+
+def write_loss_csv(history, path):
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["epoch", "step", "mean_loss", "seconds"])
+    for row in history:
+        w.writerow([row["epoch"], row["step"], f"{row['mean_loss']:.6f}", f"{row['seconds']:.1f}"])
+    save_text(out.getvalue(), path)
+
+
+def train(cfg, run_dir, device, resume=False, max_steps=None, max_minutes=None, ckpt_every=0,
+          compile=False, data_dir="data"):
+    """The flat training loop (Alg. 1) with per-epoch checkpoint, grid and loss CSV."""
+    run_dir = Path(run_dir)
+    images, _ = load_mnist(data_dir, train=True)            # fails fast, before any model work
+    ckpt = load_checkpoint(run_dir / "ckpt.pt") if resume else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    set_fast_math(device)
+    bf16 = use_bf16(device, cfg.precision)
+    data = images.to(device)                                # (N, 28, 28) uint8, on the device
+    schedule = NoiseSchedule(cfg.T, cfg.beta_1, cfg.beta_T).to(device)
+    model = UNet(cfg.channels, cfg.num_res_blocks).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = make_optimizer(model, cfg, device)
+    gen = torch.Generator(device).manual_seed(cfg.seed)     # draws every t and eps
+    state = dict(epoch_loss_sum=0.0, history=[], seconds=0.0)
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        gen.set_state(ckpt["rng"])
+        step = ckpt["step"]
+        state = {k: ckpt[k] for k in state}
+    fwd = torch.compile(model) if compile else model        # checkpoints keep the plain names
+    steps_per_epoch = len(data) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch-size {cfg.batch_size}: larger than the {len(data)} training images")
+    total = cfg.epochs * steps_per_epoch if max_steps is None else min(max_steps, cfg.epochs * steps_per_epoch)
+    save_text(json.dumps(asdict(cfg), indent=2) + "\n", run_dir / "config.json")
+    print(f"UNet: {count_params(model):,} parameters, channels {cfg.channels}; device {device}, "
+          f"{'bf16 autocast' if bf16 else 'fp32'}; {steps_per_epoch} steps/epoch, {cfg.epochs} epochs"
+          + (f"; resuming at step {step}" if step else ""))
+    if step >= total:
+        print(f"nothing to do: the checkpoint is at step {step}, the run ends at step {total}")
+        return model, ema
+
+    stop = {"signal": False}
+
+    def on_sigint(signum, frame):  # finish the step, save, then leave (a second ^C kills)
+        stop["signal"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
+    ckpt_path = run_dir / "ckpt.pt"
+    last_good = ckpt_path if ckpt_path.exists() and resume else None
+    t_start, seconds0 = time.time(), state["seconds"]
+    recent, recent_from = [], step
+    loss_sum = torch.tensor(state["epoch_loss_sum"], device=device)
+    pbar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0)
+    batches = None
+    try:
+        while step < total:
+            epoch, i = divmod(step, steps_per_epoch)
+            if batches is None or i == 0:
+                batches = epoch_batches(len(data), cfg.batch_size, cfg.seed, epoch).to(device)
+            x0 = to_model_range(data[batches[i]])                # (B, 1, 28, 28) in [-1, 1]
+            loss = train_step(model, fwd, ema, opt, schedule, x0, gen, bf16, step, cfg)
+            loss_sum += loss
+            recent.append(loss)
+            step += 1
+            end_of_epoch = step % steps_per_epoch == 0
+            out_of_time = max_minutes is not None and time.time() - t_start > 60 * max_minutes
+            save_now = end_of_epoch or step == total or out_of_time or stop["signal"] or \
+                (ckpt_every and step % ckpt_every == 0)
+            if len(recent) == 50 or save_now:
+                check_finite(recent, recent_from)
+                rate = pbar.format_dict["rate"] or 0                     # steps/s
+                pbar.set_postfix(loss=f"{torch.stack(recent).mean().item():.4f}", img_s=f"{rate * cfg.batch_size:.0f}")
+                pbar.update(len(recent))
+                recent, recent_from = [], step
+            state["seconds"] = seconds0 + time.time() - t_start
+            if end_of_epoch:
+                state["history"].append(dict(epoch=epoch + 1, step=step, seconds=state["seconds"],
+                                             mean_loss=loss_sum.item() / steps_per_epoch))
+                loss_sum.zero_()
+                write_loss_csv(state["history"], run_dir / "loss.csv")
+                if cfg.grid_n:
+                    epoch_grid(ema, schedule, cfg, device, bf16, run_dir / f"grid_epoch{epoch + 1:03d}.png")
+            if save_now:
+                state["epoch_loss_sum"] = loss_sum.item()
+                save_checkpoint(ckpt_path, cfg, model, ema, opt, step, dict(state, rng=gen.get_state()))
+                last_good = ckpt_path
+            if out_of_time or stop["signal"]:
+                break
+    except NonFiniteLoss as e:
+        pbar.close()
+        kept = f"the last good checkpoint is {last_good} (step {torch.load(last_good, weights_only=True)['step']})" \
+            if last_good else "no checkpoint was written"
+        print(f"error: the loss became NaN or infinite at step {e.args[0]}; {kept}. "
+              f"Try a smaller --lr, or --precision fp32.", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+    pbar.close()
+    if stop["signal"]:
+        print(f"interrupted: saved {ckpt_path} at step {step}; continue with\n"
+              f"  python ddpm_mnist.py train --run-dir {run_dir} --resume", file=sys.stderr)
+        sys.exit(130)
+    print(f"saved {ckpt_path} at step {step} ({state['seconds']:.0f} s of training)")
+    return model, ema
+
+
+# -----------------------------------------------------------------------------
+# Step 5: samplers. Both take any eps-model(x, t) and the starting noise x_T, and return
+# images in [-1, 1]. A step function returns the mean and standard deviation of
+# x_{t-1} given x_t, so tests can check the formulas without sampling.
+
+
+def predict_x0(schedule, x_t, t, eps, clip=True):
+    """Invert Eq. 4 for x_0. Clipping to [-1, 1] (the data range) keeps early, wild
+    predictions from pushing samples off the image manifold; eps is then re-derived so
+    the pair (x_0, eps) still adds up to x_t exactly."""
+    x0 = extract(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t - \
+        extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+        eps = (x_t - extract(schedule.sqrt_alphas_cumprod, t, x_t) * x0) / \
+            extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
+    return x0, eps
+
+
+def ddpm_step(schedule, x_t, t, eps, clip=True):
+    """Eq. 7 with the predicted x_0: mean of q(x_{t-1} | x_t, x_0) and sigma_t = sqrt(beta_tilde_t)."""
+    x0, _ = predict_x0(schedule, x_t, t, eps, clip)
+    mean = extract(schedule.posterior_mean_coef1, t, x_t) * x0 + \
+        extract(schedule.posterior_mean_coef2, t, x_t) * x_t
+    return mean, extract(schedule.posterior_variance, t, x_t).sqrt(), x0
+
+
+def ddim_step(schedule, x_t, t, t_prev, eps, eta=0.0, clip=True):
+    """DDIM Eq. 12 from index t to index t_prev (-1 means the clean image, alpha_bar = 1)."""
+    x0, eps = predict_x0(schedule, x_t, t, eps, clip)
+    a_t = extract(schedule.alphas_cumprod, t, x_t)
+    a_prev = schedule.alphas_cumprod[t_prev.clamp(min=0)]
+    a_prev = torch.where(t_prev >= 0, a_prev, torch.ones_like(a_prev)).view(-1, 1, 1, 1)  # (B,) -> (B, 1, 1, 1)
+    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()  # DDIM Eq. 16
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+    return mean, sigma, x0
+
+
+def ddim_timesteps(T, steps):
+    """`steps` indices spaced T/steps apart, starting at T-1: the first step must start from
+    the pure-noise level x_T ~ N(0, I), which is what sampling feeds in. steps = T gives
+    every index T-1 .. 0, where eta = 1 is exactly DDPM."""
+    return [round(T - 1 - i * T / steps) for i in range(steps)]
+
+
+def _full(x, t):
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+
+
+@torch.no_grad()
+def ddpm_sample(model, schedule, x_T, clip_x0=True, generator=None, on_step=None, progress=False):
+    """Alg. 2: T ancestral steps from x_T ~ N(0, I) with the posterior variance."""
+    x = x_T
+    for i, t in enumerate(tqdm(range(schedule.T - 1, -1, -1), desc="DDPM", disable=not progress, leave=False)):
+        t_b = _full(x, t)
+        mean, std, x0 = ddpm_step(schedule, x, t_b, model(x, t_b).float(), clip_x0)
+        z = torch.randn(x.shape, device=x.device, generator=generator) if t > 0 else 0.0
+        x = mean + std * z
+        if on_step:
+            on_step(i, x, x0)
+    return x
+
+
+@torch.no_grad()
+def ddim_sample(model, schedule, x_T, steps=50, eta=0.0, clip_x0=True, generator=None, on_step=None,
+                progress=False):
+    """DDIM: `steps` jumps along a subsequence of the T timesteps; eta = 0 is deterministic."""
+    ts = ddim_timesteps(schedule.T, steps)
+    x = x_T
+    for i, t in enumerate(tqdm(ts, desc="DDIM", disable=not progress, leave=False)):
+        t_b, t_prev = _full(x, t), _full(x, ts[i + 1] if i + 1 < len(ts) else -1)
+        mean, sigma, x0 = ddim_step(schedule, x, t_b, t_prev, model(x, t_b).float(), eta, clip_x0)
+        x = mean
+        if eta > 0:
+            x = x + sigma * torch.randn(x.shape, device=x.device, generator=generator)
+        if on_step:
+            on_step(i, x, x0)
+    return x
+
+
+def generate(model, schedule, n, sampler="ddim", steps=50, eta=0.0, seed=0, batch_size=256, device="cpu",
+             bf16=False, clip_x0=True, progress=False):
+    """n samples as uint8 (n, 28, 28), in batches. x_T comes from a CPU generator, so the
+    same seed gives the same starting noise on every device."""
+    g_noise = torch.Generator().manual_seed(seed)
+    g_step = torch.Generator(device).manual_seed(seed + 1)     # DDPM's and DDIM(eta>0)'s z
+    out = []
+    for start in tqdm(range(0, n, batch_size), desc=f"{sampler} x{n}", disable=not progress or n <= batch_size):
+        x_T = torch.randn(min(batch_size, n - start), 1, IMAGE_SIZE, IMAGE_SIZE, generator=g_noise).to(device)
+        with autocast(device, bf16):
+            if sampler == "ddpm":
+                x0 = ddpm_sample(model, schedule, x_T, clip_x0, g_step, progress=progress and n <= batch_size)
+            else:
+                x0 = ddim_sample(model, schedule, x_T, steps, eta, clip_x0, g_step,
+                                 progress=progress and n <= batch_size)
+        out.append(to_uint8(x0).cpu())
+    return torch.cat(out)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: are the samples digits, all ten of them, and not copies?
+#
+# A small CNN classifier, trained once on MNIST and cached, serves three purposes: its
+# predictions give the class histogram and the share of confident samples, and its
+# penultimate features are the space for a Frechet distance (FID) that, unlike Inception
+# FID, was trained on digits. FIDs from different feature extractors are not comparable,
+# so every number printed says which extractor, reference set and N it used.
+
+
+class Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        def block(c_in, c_out):
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+        self.body = nn.Sequential(*block(1, 32), *block(32, 32), nn.MaxPool2d(2),          # 28 -> 14
+                                  *block(32, 64), *block(64, 64), nn.MaxPool2d(2),         # 14 -> 7
+                                  nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, 10))
+
+    def features(self, x):          # (B, 1, 28, 28) in [-1, 1] -> (B, 128), the FID space
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+CLASSIFIER_EPOCHS = 3
+
+
+def train_classifier(data_dir, device, seed=0, epochs=CLASSIFIER_EPOCHS):
+    """Adam with a cosine decay and +-2 px random shifts: >99% test accuracy in 3 epochs."""
+    images, labels = load_mnist(data_dir, train=True)
+    images, labels = images.to(device), labels.to(device)
+    torch.manual_seed(seed)
+    clf = Classifier().to(device)
+    B = 128
+    steps = epochs * (len(images) // B)
+    opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1))
+    clf.train()
+    for epoch in tqdm(range(epochs), desc="classifier", leave=False):
+        for idx in epoch_batches(len(images), B, seed, epoch).to(device):
+            x = F.pad(to_model_range(images[idx]), (2, 2, 2, 2), value=-1.0)   # (B, 1, 32, 32)
+            dx, dy = torch.randint(0, 5, (2,)).tolist()                         # one shift per batch
+            loss = F.cross_entropy(clf(x[:, :, dy:dy + 28, dx:dx + 28]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return clf.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def classify(clf, images_uint8, device, batch_size=1000):
+    """uint8 (N, 28, 28) -> (features (N, 128) float64, softmax probabilities (N, 10))."""
+    feats, probs = [], []
+    for start in range(0, len(images_uint8), batch_size):
+        x = to_model_range(images_uint8[start:start + batch_size].to(device))
+        f = clf.features(x)
+        feats.append(f.double().cpu())
+        probs.append(F.softmax(clf.head(f), dim=1).cpu())
+    return torch.cat(feats), torch.cat(probs)
+
+
+def gaussian_fit(feats):
+    """Mean and covariance of (N, D) features, float64."""
+    return feats.mean(0), torch.cov(feats.T)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians.
+
+    Tr (S1 S2)^(1/2) = sum of sqrt(eigenvalues of S1^(1/2) S2 S1^(1/2)), a symmetric
+    matrix, so a symmetric eigensolver suffices and no complex sqrtm is needed.
+    """
+    def sqrt_psd(m):
+        w, v = torch.linalg.eigh(m)
+        return (v * w.clamp(min=0).sqrt()) @ v.T
+    s1 = sqrt_psd(sigma1.double())
+    tr_covmean = torch.linalg.eigvalsh(s1 @ sigma2.double() @ s1).clamp(min=0).sqrt().sum()
+    d = (mu1 - mu2).double()
+    return float(d @ d + sigma1.double().trace() + sigma2.double().trace() - 2 * tr_covmean)
+
+
+def class_stats(probs, confident=0.9):
+    """Class histogram of the argmax, shares of the rarest and commonest class, and the
+    share of samples whose top probability is at least `confident`."""
+    counts = torch.bincount(probs.argmax(1), minlength=10)
+    shares = counts.double() / len(probs)
+    return dict(class_counts=counts.tolist(), rarest_share=float(shares.min()),
+                commonest_share=float(shares.max()),
+                confident_share=float((probs.max(1).values >= confident).double().mean()))
+
+
+def nearest_distances(queries_uint8, ref_uint8, device, exclude_self=False):
+    """Per query, the L2 distance (pixels in [0, 1]) to its nearest image in ref."""
+    ref = ref_uint8.to(device).flatten(1).float() / 255
+    out = []
+    for q in queries_uint8.split(500):
+        d = torch.cdist(q.to(device).flatten(1).float() / 255, ref)    # (500, N_ref)
+        if exclude_self:
+            d[d == 0] = float("inf")
+        out.append(d.min(1).values.cpu())
+    return torch.cat(out)
+
+
+def classifier_cache(path, data_dir, device):
+    """The cached classifier with its test accuracy and the test set's feature statistics;
+    trained and written on first use."""
+    path = Path(path)
+    if path.exists():
+        c = load_checkpoint_plain(path, "--classifier")
+        clf = Classifier()
+        clf.load_state_dict(c["model"])
+        return clf.to(device).eval().requires_grad_(False), c
+    print(f"training the evaluation classifier (once; cached in {path})")
+    clf = train_classifier(data_dir, device)
+    test_x, test_y = load_mnist(data_dir, train=False)
+    feats, probs = classify(clf, test_x, device)
+    mu, sigma = gaussian_fit(feats)
+    c = dict(model=clf.state_dict(), test_accuracy=float((probs.argmax(1) == test_y).double().mean()),
+             test_mu=mu, test_sigma=sigma, n_test=len(test_x))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: torch.save(c, f))
+    return clf.to(device), c
+
+
+def load_checkpoint_plain(path, flag):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{flag} {path}: not a readable file ({type(e).__name__}); delete it to rebuild it") from None
+
+
+def fid_floor(clf, cache, train_images, n, device, seed=0):
+    """FID of n real training images: the floor any model is measured against."""
+    idx = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:n]
+    feats, _ = classify(clf, train_images[idx], device)
+    return frechet_distance(*gaussian_fit(feats), cache["test_mu"], cache["test_sigma"])
+
+
+def memorization(samples, train_images, test_images, device, n=1000):
+    """Nearest-training-image distance of samples against that of real test digits, which
+    the model never saw: copies of the training set would sit far below the real ones."""
+    d_samples = nearest_distances(samples[:n], train_images, device)
+    d_real = nearest_distances(test_images[:n], train_images, device)
+    p1 = float(d_real.quantile(0.01))
+    return dict(n_memo=len(d_samples), nn_dist_samples_median=float(d_samples.median()),
+                nn_dist_real_test_median=float(d_real.median()), real_test_p01=p1,
+                share_closer_than_real_p01=float((d_samples < p1).double().mean()))
+
+
+def evaluate_samples(samples, clf, cache, data_dir, device, seed=0):
+    """Everything `evaluate` reports, for uint8 samples (N, 28, 28)."""
+    train_x, _ = load_mnist(data_dir, train=True)
+    test_x, _ = load_mnist(data_dir, train=False)
+    feats, probs = classify(clf, samples, device)
+    n = len(samples)
+    return dict(
+        feature_extractor="ddpm_mnist Classifier, penultimate layer (128-d)",
+        classifier_test_accuracy=cache["test_accuracy"],
+        fid_reference=f"MNIST test set ({cache['n_test']} images)",
+        n=n,
+        fid=frechet_distance(*gaussian_fit(feats), cache["test_mu"], cache["test_sigma"]),
+        fid_real_train=fid_floor(clf, cache, train_x, n, device, seed),
+        **class_stats(probs),
+        **memorization(samples, train_x, test_x, device))
+
+
+# -----------------------------------------------------------------------------
+# Pictures that teach: the forward process, the denoising trajectory, interpolation,
+# DDPM against DDIM, and training progress. All are grids of 28 px cells with labels.
+
+
+def labeled_grid(cells, row_labels=(), col_labels=(), scale=2, pad=2):
+    """cells: uint8 (R, C, 28, 28) -> a PIL image, labels left of rows and under columns."""
+    R, C = cells.shape[:2]
+    s = IMAGE_SIZE * scale
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    left = int(max((measure.textlength(str(l), font=font) for l in row_labels), default=0)) + 8 if row_labels else 0
+    lines = max((str(l).count("\n") + 1 for l in col_labels), default=0)
+    img = Image.new("L", (left + pad + C * (s + pad), pad + R * (s + pad) + 13 * lines + (4 if lines else 0)), 255)
+    draw = ImageDraw.Draw(img)
+    for r in range(R):
+        for c in range(C):
+            tile = to_pil_image(cells[r, c]).resize((s, s), Image.NEAREST)
+            img.paste(tile, (left + pad + c * (s + pad), pad + r * (s + pad)))
+        if row_labels:
+            draw.text((4, pad + r * (s + pad) + s // 2 - 6), str(row_labels[r]), fill=0, font=font)
+    for c, label in enumerate(col_labels):
+        draw.multiline_text((left + pad + c * (s + pad) + 2, pad + R * (s + pad) + 2), str(label),
+                            fill=0, font=font, spacing=2)
+    return img
+
+
+FORWARD_T = (0, 50, 100, 200, 400, 600, 800, 999)
+
+
+def forward_picture(images_uint8, schedule, ts=FORWARD_T, seed=0):
+    """Step 2 made visible: each digit a row, noised in closed form (Eq. 4) at each t."""
+    x0 = to_model_range(images_uint8)                                       # (R, 1, 28, 28)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    cols = [to_uint8(schedule.q_sample(x0, _full(x0, t), noise)) for t in ts]   # C x (R, 28, 28)
+    labels = [f"t={t}\n{schedule.sqrt_alphas_cumprod[t]:.3f}" for t in ts]
+    return labeled_grid(torch.stack(cols, dim=1), col_labels=labels, scale=3)
+
+
+def frame_indices(num_steps, max_frames=50):
+    """Which sampler iterations become GIF frames: all of them up to 50, else 50 spread
+    evenly, always including the last."""
+    k = min(num_steps, max_frames)
+    return sorted({round(i * (num_steps - 1) / max(k - 1, 1)) for i in range(k)})
+
+
+def denoising_gif(model, schedule, x_T, sampler, steps, eta, generator, bf16):
+    """Frames of x_t (left) beside the model's current guess of x_0 (right), per step."""
+    ts = list(range(schedule.T - 1, -1, -1)) if sampler == "ddpm" else ddim_timesteps(schedule.T, steps)
+    keep = set(frame_indices(len(ts)))
+    nrow = math.ceil(math.sqrt(len(x_T)))
+    frames = []
+
+    def on_step(i, x, x0):
+        if i in keep:
+            frames.append(gif_frame(to_uint8(x).cpu(), to_uint8(x0).cpu(), ts[i], nrow))
+
+    with autocast(x_T.device, bf16):
+        if sampler == "ddpm":
+            ddpm_sample(model, schedule, x_T, generator=generator, on_step=on_step)
+        else:
+            ddim_sample(model, schedule, x_T, steps, eta, generator=generator, on_step=on_step)
+    return frames
+
+
+def gif_frame(x_t, x0, t, nrow):
+    """Two grids side by side with a caption: the noisy state and the predicted x_0."""
+    left, right = grid_image(x_t, nrow), grid_image(x0, nrow)
+    w, h = left.size
+    img = Image.new("L", (2 * w + 12, h + 16), 255)
+    img.paste(left, (0, 16))
+    img.paste(right, (w + 12, 16))
+    draw = ImageDraw.Draw(img)
+    draw.text((2, 2), f"x_t, t={t}", fill=0)
+    draw.text((w + 14, 2), "predicted x_0", fill=0)
+    return img
+
+
+def save_gif(frames, path, ms=80, hold_ms=1500):
+    durations = [ms] * (len(frames) - 1) + [hold_ms]
+    atomic_write(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
+                                                duration=durations, loop=0, optimize=False))
+
+
+def slerp(z0, z1, alpha):
+    """Spherical interpolation. Gaussian noise in 784 dimensions lies near a sphere of
+    radius 28; a straight line between two such points passes well inside it (norm ~20 at
+    the middle), noise the model never saw, while slerp stays on the sphere."""
+    cos = (z0 * z1).sum() / (z0.norm() * z1.norm())
+    theta = torch.arccos(cos.clamp(-1, 1))
+    return (torch.sin((1 - alpha) * theta) * z0 + torch.sin(alpha * theta) * z1) / torch.sin(theta)
+
+
+def interpolation_noise(rows, cols, seed):
+    """(rows * cols, 1, 28, 28): each row slerps from one random x_T to another."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, 2, 1, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    alphas = torch.linspace(0, 1, cols)
+    return torch.stack([slerp(z[r, 0], z[r, 1], a) for r in range(rows) for a in alphas])
+
+
+def progress_picture(run_dir, epochs, n=8):
+    """The first n samples of the chosen per-epoch grids, one row per epoch."""
+    found = {int(p.stem[len("grid_epoch"):]): p for p in Path(run_dir).glob("grid_epoch*.png")}
+    chosen = [e for e in epochs if e in found]
+    if not chosen:  # a shorter run: six epochs spread over what there is
+        have = sorted(found)
+        chosen = sorted({have[round(i * (len(have) - 1) / 5)] for i in range(6)}) if len(have) > 1 else have
+    rows = []
+    for e in chosen:
+        grid = torch.from_numpy(np.array(Image.open(found[e]).convert("L")))   # (H, W) uint8
+        rows.append(torch.stack([grid[2:30, 2 + 30 * c: 30 + 30 * c] for c in range(n)]))
+    return labeled_grid(torch.stack(rows), row_labels=[f"epoch {e}" for e in chosen]), chosen
+
+
+# -----------------------------------------------------------------------------
+# bench: what a step costs, measured honestly (synchronized clocks, after a warm-up).
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def forward_flops(model, device):
+    """Forward FLOPs per image, counted by torch.utils.flop_counter (convs and matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(2, 1, IMAGE_SIZE, IMAGE_SIZE, device=device)
+    with FlopCounterMode(display=False) as fc:
+        model(x, torch.zeros(2, dtype=torch.long, device=device))
+    return fc.get_total_flops() / 2
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the whole process, in MB
+
+
+def bench(cfg, device, batch_size, reps=5, compile=False):
+    set_fast_math(device)
+    bf16 = use_bf16(device, cfg.precision)
+    torch.manual_seed(0)
+    schedule = NoiseSchedule(cfg.T, cfg.beta_1, cfg.beta_T).to(device)
+    model = UNet(cfg.channels, cfg.num_res_blocks).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = make_optimizer(model, cfg, device)
+    fwd = torch.compile(model) if compile else model
+    gflop = forward_flops(model, device) / 1e9
+    x0 = to_model_range(torch.randint(0, 256, (batch_size, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, device=device))
+    gen = torch.Generator(device).manual_seed(0)
+    print(f"UNet: {count_params(model):,} parameters, channels {cfg.channels}; {gflop:.3f} GFLOP forward per image")
+    print(f"device {device}, {'bf16 autocast' if bf16 else 'fp32'}, batch {batch_size}, torch {torch.__version__}"
+          + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else f", {torch.cuda.get_device_name(device)}"
+             if device.type == "cuda" else ""))
+    t_warm = timed(lambda: [train_step(model, fwd, ema, opt, schedule, x0, gen, bf16, 0, cfg) for _ in range(3)], device)
+    phases = {"forward+loss": [], "backward": [], "optimizer": [], "ema": []}
+    for _ in range(reps):
+        box = {}
+        phases["forward+loss"].append(timed(lambda: box.update(loss=diffusion_loss(fwd, schedule, x0, gen, bf16)), device))
+        opt.zero_grad(set_to_none=True)
+        phases["backward"].append(timed(lambda: box["loss"].backward(), device))
+        phases["optimizer"].append(timed(opt.step, device))
+        phases["ema"].append(timed(lambda: ema_update(list(ema.parameters()), list(model.parameters()), 0.9999), device))
+    step_s = timed(lambda: [train_step(model, fwd, ema, opt, schedule, x0, gen, bf16, 0, cfg) for _ in range(reps)],
+                   device) / reps
+    med = {k: sorted(v)[len(v) // 2] for k, v in phases.items()}
+    print(f"warm-up (3 steps{', compile' if compile else ''}): {t_warm:.1f} s")
+    print("train step, ms: " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in med.items())
+          + f"; whole step {1e3 * step_s:.1f}")
+    print(f"train throughput: {batch_size / step_s:,.0f} images/s; {3 * gflop * batch_size / step_s / 1e3:.2f} TFLOP/s "
+          f"achieved (3 x forward FLOPs); one 50-epoch recipe = {50 * 468 * 128 / (batch_size / step_s) / 60:.1f} min")
+    bench_sampling(ema, fwd, schedule, device, bf16, batch_size)
+    print(f"peak memory: {peak_memory_mb(device):,.0f} MB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
+
+
+def bench_sampling(ema, fwd, schedule, device, bf16, batch_size):
+    x_T = torch.randn(batch_size, 1, IMAGE_SIZE, IMAGE_SIZE, device=device)
+    with autocast(device, bf16):
+        ddim_sample(ema, schedule, x_T, steps=2)                          # warm-up
+        if device.type == "cuda":
+            ddim_s = timed(lambda: ddim_sample(ema, schedule, x_T, steps=50), device)
+            ddpm_s = timed(lambda: ddpm_sample(ema, schedule, x_T), device)
+            how = "measured"
+        else:  # 1000 steps take minutes on a CPU: time a few and extrapolate
+            per_step = timed(lambda: ddim_sample(ema, schedule, x_T, steps=5), device) / 5
+            ddim_s, ddpm_s, how = 50 * per_step, 1000 * per_step, "extrapolated from 5 timed steps"
+    print(f"sampling, batch {batch_size}: DDIM-50 {ddim_s:.2f} s, DDPM-1000 {ddpm_s:.2f} s ({how})")
+
+
+# -----------------------------------------------------------------------------
+# Command line. Every check that can fail does so here, before any slow work starts.
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (not a usage block), exit code 2."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def int_in(lo, hi=None):
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{s}' is not an integer") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{v} is outside {lo}..{hi if hi is not None else 'inf'}")
+        return v
+    return parse
+
+
+def float_over(lo, strict):
+    def parse(s):
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{s}' is not a number") from None
+        if not math.isfinite(v) or v < lo or (strict and v == lo):
+            raise argparse.ArgumentTypeError(f"{s} must be {'>' if strict else '>='} {lo}")
+        return v
+    return parse
+
+
+def channels_arg(s):
+    try:
+        ch = tuple(int(c) for c in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{s}' is not a comma-separated list of integers") from None
+    try:
+        check_channels(ch)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+    return ch
+
+
+def device_arg(s):
+    if s in ("auto", "cpu", "cuda", "mps") or (s.startswith("cuda:") and s[5:].isdigit()):
+        return s
+    raise argparse.ArgumentTypeError(f"'{s}' is not one of auto, cpu, cuda, cuda:N, mps")
+
+
+def check_out(flag, path, folder=False):
+    """The output must go to an existing, writable folder, and must not be a folder
+    itself (or, for folder outputs, must be a new or empty folder)."""
+    p = Path(path)
+    parent = p.parent
+    if folder:
+        if p.exists() and (not p.is_dir() or any(p.iterdir())):
+            raise UserError(f"{flag} {path}: exists and is not an empty folder; pick a new folder")
+    elif p.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file name")
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: the folder {parent} does not exist")
+    try:
+        with open(parent / f".ddpm_write_test.{os.getpid()}", "wb"):
+            pass
+        os.unlink(parent / f".ddpm_write_test.{os.getpid()}")
+    except OSError:
+        raise UserError(f"{flag} {path}: the folder {parent} is not writable") from None
+
+
+DEFAULTS = Config()
+TRAIN_FLAGS = ("epochs", "batch_size", "lr", "channels", "ema_decay", "seed", "precision", "grid_n")
+
+
+def add_common(p, ckpt=True, precision=True):
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
+    if ckpt:
+        p.add_argument("--ckpt", default="runs/ddpm/ckpt.pt",
+                       help="checkpoint to load; samples/ema_fp16.pt works too (default: runs/ddpm/ckpt.pt)")
+    if precision:
+        p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                       help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32 (default: auto)")
+
+
+def build_parser():
+    ap = Parser(prog="ddpm_mnist.py", description=__doc__.split("\n\n")[1],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a DDPM on MNIST (Alg. 1)",
+                       description="Train the U-Net; writes ckpt.pt, config.json, loss.csv and per-epoch "
+                                   "EMA sample grids into --run-dir.")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="paper",
+                   help="paper: the case study's recipe; cpu: a 4x cheaper network and a short run for "
+                        "a laptop CPU (default: paper)")
+    p.add_argument("--epochs", type=int_in(1), help=f"passes over the 60,000 images (default: {DEFAULTS.epochs})")
+    p.add_argument("--batch-size", type=int_in(1), help=f"images per step (default: {DEFAULTS.batch_size})")
+    p.add_argument("--lr", type=float_over(0, strict=True), help=f"AdamW learning rate (default: {DEFAULTS.lr})")
+    p.add_argument("--channels", type=channels_arg,
+                   help="widths of the 4 levels, multiples of 8 (default: 64,128,256,256)")
+    p.add_argument("--ema-decay", type=float_over(0, strict=False), help=f"EMA decay, below 1 (default: {DEFAULTS.ema_decay})")
+    p.add_argument("--seed", type=int_in(0), help="seed for init, data order and noise (default: 0)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"),
+                   help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32 (default: auto)")
+    p.add_argument("--grid-n", type=int_in(0), help="EMA samples in each epoch's grid, 0 for none (default: 64)")
+    p.add_argument("--data-dir", default="data", help="where MNIST/raw is or will be downloaded (default: data)")
+    p.add_argument("--run-dir", default="runs/ddpm", help="where the run's files go (default: runs/ddpm)")
+    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--max-steps", type=int_in(1), help="stop after this many steps in all, with a checkpoint")
+    p.add_argument("--max-minutes", type=float_over(0, strict=True), help="stop after this many minutes, with a checkpoint")
+    p.add_argument("--ckpt-every", type=int_in(0), default=0,
+                   help="also checkpoint every N steps, so a kill loses at most N (default: 0, every epoch only)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt, exactly")
+    p.add_argument("--overwrite", action="store_true", help="start over in a run folder that has a checkpoint")
+    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slower start, faster steps)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="draw digits with DDPM or DDIM (Alg. 2, DDIM Eq. 12)",
+                       description="Sample from a checkpoint's EMA weights into a PNG grid, an .npz, "
+                                   "a folder of PNGs, or a denoising GIF.")
+    add_common(p)
+    add_sampler_args(p)
+    p.add_argument("--n", type=int_in(1), default=64, help="number of samples (default: 64)")
+    p.add_argument("--batch-size", type=int_in(1), default=256, help="samples per batch (default: 256)")
+    p.add_argument("--format", choices=("png", "npz", "png-dir"), default="png",
+                   help="png: one grid; npz: uint8 array 'images' (N, 28, 28); png-dir: one PNG per "
+                        "sample, for pytorch-fid or clean-fid (default: png)")
+    p.add_argument("--gif", action="store_true",
+                   help="write an animated GIF of x_t beside the predicted x_0 at every step instead")
+    p.add_argument("--out", help="output path (default: samples/<sampler>_<steps>.png, .npz, .gif or folder)")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema",
+                   help="the EMA weights or the raw trained ones (default: ema)")
+    p.add_argument("--seed", type=int_in(0), default=0, help="seed of the starting noise (default: 0)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="FID, digit classes and memorization of samples",
+                       description="Score N samples (generated, or read from --samples) with a cached MNIST "
+                                   "classifier; prints a table and writes evaluate.json beside the checkpoint.")
+    add_common(p)
+    add_sampler_args(p)
+    add_eval_args(p)
+    p.add_argument("--n", type=int_in(2), default=10000, help="samples to generate and score (default: 10000)")
+    p.add_argument("--batch-size", type=int_in(1), default=500, help="samples per batch (default: 500)")
+    p.add_argument("--samples", help="score this .npz (uint8 'images', (N, 28, 28)) instead of sampling")
+    p.add_argument("--out", help="report path (default: evaluate.json beside --ckpt or --samples)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="DDPM-1000 against DDIM at 10-100 steps, same noise",
+                       description="From one starting noise: DDPM (all T steps), DDIM eta=0 at 10, 20, 50, "
+                                   "100 steps and DDIM eta=1 at 50; a table and a picture.")
+    add_common(p)
+    add_eval_args(p)
+    p.add_argument("--n", type=int_in(2), default=1000, help="samples per sampler (default: 1000)")
+    p.add_argument("--batch-size", type=int_in(1), default=500, help="samples per batch (default: 500)")
+    p.add_argument("--out", default="samples/compare.png", help="picture path (default: samples/compare.png)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("bench", help="time a training step and the samplers",
+                       description="Train-step time by phase, images/s, FLOPs and TFLOP/s, sampling time "
+                                   "for a batch, peak memory.")
+    add_common(p, ckpt=False)
+    p.add_argument("--preset", choices=tuple(PRESETS), default="paper", help="network to time (default: paper)")
+    p.add_argument("--channels", type=channels_arg, help="widths of the 4 levels (default: the preset's)")
+    p.add_argument("--batch-size", type=int_in(1), default=128, help="images per step (default: 128)")
+    p.add_argument("--reps", type=int_in(1), default=5, help="timed repetitions (default: 5)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("forward", help="picture: real digits noised at t = 0 .. 999 (Step 2)")
+    p.add_argument("--data-dir", default="data", help="where MNIST/raw is (default: data)")
+    p.add_argument("--n", type=int_in(1, 16), default=4, help="digits, one per row (default: 4)")
+    p.add_argument("--seed", type=int_in(0), default=0, help="picks the digits and the noise (default: 0)")
+    p.add_argument("--out", default="samples/forward.png", help="picture path (default: samples/forward.png)")
+    p.set_defaults(func=cmd_forward)
+
+    p = sub.add_parser("interpolate", help="picture: DDIM from slerped noises morphs one digit into another")
+    add_common(p)
+    p.add_argument("--rows", type=int_in(1, 16), default=4, help="pairs of noises (default: 4)")
+    p.add_argument("--cols", type=int_in(2, 32), default=10, help="steps from one to the other (default: 10)")
+    p.add_argument("--steps", type=int_in(1, DEFAULTS.T), default=50, help="DDIM steps (default: 50)")
+    p.add_argument("--seed", type=int_in(0), default=0, help="seed of the noises (default: 0)")
+    p.add_argument("--out", default="samples/interpolate.png", help="picture path (default: samples/interpolate.png)")
+    p.set_defaults(func=cmd_interpolate)
+
+    p = sub.add_parser("progress", help="picture: a run's per-epoch EMA grids, one row per epoch")
+    p.add_argument("--run-dir", default="runs/ddpm", help="run folder with grid_epochNNN.png (default: runs/ddpm)")
+    p.add_argument("--epochs", default="1,5,10,20,30,50", help="epochs to show (default: 1,5,10,20,30,50)")
+    p.add_argument("--n", type=int_in(1, 8), default=8, help="samples per row (default: 8)")
+    p.add_argument("--out", default="samples/progress.png", help="picture path (default: samples/progress.png)")
+    p.set_defaults(func=cmd_progress)
+    return ap
+
+
+def add_sampler_args(p):
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim",
+                   help="ddpm: all T ancestral steps; ddim: --steps jumps (default: ddim)")
+    p.add_argument("--steps", type=int_in(1, DEFAULTS.T),
+                   help=f"DDIM steps, 1..{DEFAULTS.T} (default: 50; DDPM always takes all {DEFAULTS.T})")
+    p.add_argument("--eta", type=float_over(0, strict=False), default=0.0,
+                   help="DDIM noise: 0 deterministic, 1 like DDPM (default: 0)")
+    p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 to [-1, 1]")
+
+
+def add_eval_args(p):
+    p.add_argument("--data-dir", default="data", help="where MNIST/raw is (default: data)")
+    p.add_argument("--classifier", default="runs/mnist_classifier.pt",
+                   help="cached classifier, trained here on first use (default: runs/mnist_classifier.pt)")
+    p.add_argument("--seed", type=int_in(0), default=0, help="seed of the starting noise (default: 0)")
+
+
+# --- subcommands --------------------------------------------------------------
+
+
+def train_config(args):
+    """The preset, overlaid with the flags given; on --resume, the checkpoint's config."""
+    given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
+    ckpt_path = Path(args.run_dir) / "ckpt.pt"
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite: choose one")
+    if args.resume:
+        if not ckpt_path.exists():
+            raise UserError(f"--resume: there is no {ckpt_path} to resume from")
+        saved = config_from_dict(load_checkpoint(ckpt_path, "--resume")["config"])
+        for k, v in given.items():
+            if k != "epochs" and v != getattr(saved, k):
+                raise UserError(f"--{k.replace('_', '-')} {v}: differs from the checkpoint's {getattr(saved, k)}; "
+                                "a resumed run keeps its config (only --epochs may change)")
+        return replace(saved, **{k: v for k, v in given.items() if k == "epochs"})
+    if ckpt_path.exists() and not args.overwrite:
+        raise UserError(f"--run-dir {args.run_dir}: already holds a checkpoint; add --resume to continue it "
+                        "or --overwrite to start over")
+    if Path(args.run_dir).exists() and not Path(args.run_dir).is_dir():
+        raise UserError(f"--run-dir {args.run_dir}: is a file, not a folder")
+    cfg = replace(PRESETS[args.preset], **given)
+    if cfg.ema_decay >= 1:
+        raise UserError(f"--ema-decay {cfg.ema_decay}: must be below 1")
+    return cfg
+
+
+def cmd_train(args):
+    cfg = train_config(args)
+    device = resolve_device(args.device)
+    check_out("--run-dir", Path(args.run_dir) / "ckpt.pt") if Path(args.run_dir).is_dir() else \
+        check_out("--run-dir", args.run_dir, folder=True)
+    if device.type == "cpu" and cfg.preset == "paper":
+        print("note: the case-study recipe takes many hours on a CPU; `--preset cpu` makes digits in "
+              "about 30 minutes (README, CPU preset)", file=sys.stderr)
+    train(cfg, args.run_dir, device, resume=args.resume, max_steps=args.max_steps, max_minutes=args.max_minutes,
+          ckpt_every=args.ckpt_every, compile=args.compile, data_dir=args.data_dir)
+
+
+def sampler_steps(args, T):
+    if args.sampler == "ddpm":
+        if args.steps not in (None, T):
+            raise UserError(f"--steps {args.steps}: DDPM always takes all T={T} steps; use --sampler ddim for fewer")
+        if args.eta:
+            raise UserError("--eta: only DDIM has eta; DDPM's noise is fixed by the posterior variance")
+        return T
+    return 50 if args.steps is None else args.steps
+
+
+def load_for_sampling(args):
+    """The checks every sampling command shares, then the model on its device."""
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.ckpt)
+    model, cfg = model_from_checkpoint(ckpt, getattr(args, "weights", "ema"))
+    schedule = NoiseSchedule(cfg.T, cfg.beta_1, cfg.beta_T).to(device)
+    return model.to(device), schedule, device, use_bf16(device, args.precision)
+
+
+def cmd_sample(args):
+    if args.gif and args.format != "png":
+        raise UserError("--gif: writes a GIF; leave --format at png")
+    steps = sampler_steps(args, DEFAULTS.T)
+    ext = ".gif" if args.gif else {"png": ".png", "npz": ".npz", "png-dir": ""}[args.format]
+    out = args.out or f"samples/{args.sampler}_{steps}{ext}"
+    check_out("--out", out, folder=args.format == "png-dir")
+    model, schedule, device, bf16 = load_for_sampling(args)
+    t0 = time.time()
+    if args.gif:
+        x_T = torch.randn(args.n, 1, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(args.seed)).to(device)
+        frames = denoising_gif(model, schedule, x_T, args.sampler, steps, args.eta,
+                               torch.Generator(device).manual_seed(args.seed + 1), bf16)
+        save_gif(frames, out)
+        print(f"wrote {out}: {len(frames)} frames, {args.sampler} {steps} steps, {time.time() - t0:.1f} s")
+        return
+    images = generate(model, schedule, args.n, args.sampler, steps, args.eta, args.seed, args.batch_size,
+                      device, bf16, not args.no_clip, progress=True)
+    dt = time.time() - t0
+    write_samples(images, out, args.format)
+    print(f"wrote {out}: {args.n} samples, {args.sampler} {steps} steps, {dt:.1f} s on {device} "
+          f"({1e3 * dt / args.n:.1f} ms per sample)")
+
+
+def write_samples(images, out, fmt):
+    if fmt == "png":
+        save_png(grid_image(images, nrow=max(1, round(math.sqrt(len(images))))), out)
+    elif fmt == "npz":
+        atomic_write(out, lambda f: np.savez_compressed(f, images=images.numpy()))
+    else:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(images):
+            save_png(to_pil_image(im), Path(out) / f"{i:06d}.png")
+
+
+def read_samples(path):
+    """uint8 (N, 28, 28) from an .npz with an 'images' array; one clear line if it is not."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            a = z["images"] if "images" in z.files else z[z.files[0]]
+    except Exception as e:
+        raise UserError(f"--samples {path}: not a readable .npz ({type(e).__name__})") from None
+    if a.ndim != 3 or a.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or a.dtype != np.uint8 or len(a) < 2:
+        raise UserError(f"--samples {path}: holds {a.dtype} {tuple(a.shape)}; need uint8 (N, 28, 28) with N >= 2")
+    return torch.from_numpy(a.copy())
+
+
+def report_table(r):
+    counts = " ".join(f"{d}:{c}" for d, c in enumerate(r["class_counts"]))
+    return "\n".join([
+        f"{'samples':28} {r['n']}",
+        f"{'FID (classifier features)':28} {r['fid']:.3f}   vs {r['fid_reference']}, N={r['n']}",
+        f"{'FID of real train images':28} {r['fid_real_train']:.3f}   (the floor: N={r['n']} real digits)",
+        f"{'feature extractor':28} {r['feature_extractor']}, test accuracy {100 * r['classifier_test_accuracy']:.2f}%",
+        f"{'confident (p >= 0.9)':28} {100 * r['confident_share']:.1f}%",
+        f"{'rarest / commonest class':28} {100 * r['rarest_share']:.1f}% / {100 * r['commonest_share']:.1f}%",
+        f"{'class counts':28} {counts}",
+        f"{'nearest-train distance':28} samples {r['nn_dist_samples_median']:.3f}, real test digits "
+        f"{r['nn_dist_real_test_median']:.3f} (median L2, pixels in [0, 1], N={r['n_memo']})",
+        f"{'closer than 99% of real':28} {100 * r['share_closer_than_real_p01']:.1f}% of samples "
+        f"(copies would show here)"])
+
+
+def cmd_evaluate(args):
+    steps = sampler_steps(args, DEFAULTS.T)
+    out = Path(args.out) if args.out else Path(args.samples if args.samples and not Path(args.ckpt).exists()
+                                                 else args.ckpt).with_name("evaluate.json")
+    check_out("--out", out)
+    check_out("--classifier", args.classifier)
+    device = resolve_device(args.device)
+    if args.samples:
+        samples, how = read_samples(args.samples), f"read from {args.samples}"
+    else:
+        model, schedule, device, bf16 = load_for_sampling(args)
+        load_mnist(args.data_dir, train=True)                 # fail now, not after sampling
+        t0 = time.time()
+        samples = generate(model, schedule, args.n, args.sampler, steps, args.eta, args.seed, args.batch_size,
+                           device, bf16, not args.no_clip, progress=True)
+        how = f"{args.sampler} {steps} steps, eta {args.eta}, {time.time() - t0:.0f} s on {device}"
+    clf, cache = classifier_cache(args.classifier, args.data_dir, device)
+    r = evaluate_samples(samples, clf, cache, args.data_dir, device, args.seed)
+    r.update(samples_from=how, ckpt=str(args.ckpt))
+    print(report_table(r))
+    save_text(json.dumps(r, indent=2) + "\n", out)
+    print(f"wrote {out}")
+
+
+COMPARE = (("DDPM 1000", "ddpm", 1000, 0.0), ("DDIM 10", "ddim", 10, 0.0), ("DDIM 20", "ddim", 20, 0.0),
+           ("DDIM 50", "ddim", 50, 0.0), ("DDIM 100", "ddim", 100, 0.0), ("DDIM 50, eta 1", "ddim", 50, 1.0))
+
+
+def cmd_compare(args):
+    check_out("--out", args.out)
+    check_out("--classifier", args.classifier)
+    model, schedule, device, bf16 = load_for_sampling(args)
+    clf, cache = classifier_cache(args.classifier, args.data_dir, device)
+    rows, firsts = [], []
+    for name, sampler, steps, eta in COMPARE:
+        t0 = time.time()
+        images = generate(model, schedule, args.n, sampler, steps, eta, args.seed, args.batch_size, device, bf16,
+                          progress=True)
+        dt = time.time() - t0
+        feats, probs = classify(clf, images, device)
+        rows.append(dict(sampler=name, fid=frechet_distance(*gaussian_fit(feats), cache["test_mu"], cache["test_sigma"]),
+                         ms_per_sample=1e3 * dt / args.n, **class_stats(probs)))
+        firsts.append(images[:10])
+    print(f"N={args.n} per sampler, seed {args.seed}, same x_T for all; FID in classifier features vs MNIST test")
+    print(f"{'sampler':16} {'FID':>8} {'confident':>9} {'rarest':>7} {'ms/sample':>10}")
+    for r in rows:
+        print(f"{r['sampler']:16} {r['fid']:8.3f} {100 * r['confident_share']:8.1f}% {100 * r['rarest_share']:6.1f}% "
+              f"{r['ms_per_sample']:10.2f}")
+    save_png(labeled_grid(torch.stack(firsts), row_labels=[r["sampler"] for r in rows]), args.out)
+    print(f"wrote {args.out}")
+
+
+def cmd_bench(args):
+    cfg = PRESETS[args.preset]
+    cfg = replace(cfg, precision=args.precision, **({"channels": args.channels} if args.channels else {}))
+    bench(cfg, resolve_device(args.device), args.batch_size, args.reps, args.compile)
+
+
+def cmd_forward(args):
+    check_out("--out", args.out)
+    images, _ = load_mnist(args.data_dir, train=True)
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:args.n]
+    save_png(forward_picture(images[idx], NoiseSchedule(), seed=args.seed), args.out)
+    print(f"wrote {args.out}: {args.n} digits at t = {', '.join(map(str, FORWARD_T))}")
+
+
+def cmd_interpolate(args):
+    check_out("--out", args.out)
+    model, schedule, device, bf16 = load_for_sampling(args)
+    x_T = interpolation_noise(args.rows, args.cols, args.seed).to(device)
+    with autocast(device, bf16):
+        x0 = ddim_sample(model, schedule, x_T, steps=args.steps)        # eta = 0: a function of x_T
+    cells = to_uint8(x0).cpu().view(args.rows, args.cols, IMAGE_SIZE, IMAGE_SIZE)
+    save_png(labeled_grid(cells), args.out)
+    print(f"wrote {args.out}: {args.rows} rows of {args.cols}, DDIM {args.steps} steps")
+
+
+def cmd_progress(args):
+    try:
+        epochs = [int(e) for e in args.epochs.split(",")]
+    except ValueError:
+        raise UserError(f"--epochs {args.epochs}: need a comma-separated list of integers") from None
+    if not list(Path(args.run_dir).glob("grid_epoch*.png")):
+        raise UserError(f"--run-dir {args.run_dir}: holds no grid_epochNNN.png (train writes one per epoch)")
+    check_out("--out", args.out)
+    img, chosen = progress_picture(args.run_dir, epochs, args.n)
+    save_png(img, args.out)
+    print(f"wrote {args.out}: epochs {', '.join(map(str, chosen))}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
