@@ -1,0 +1,78 @@
+"""The teaching pictures: each command writes a valid image of the stated size."""
+import numpy as np
+import torch
+from PIL import Image
+
+import ddpm_mnist as dm
+from conftest import TINY_ARGS
+
+
+def test_forward_strip(mnist_dir, tmp_path):
+    out = tmp_path / "f.png"
+    dm.main(["forward", "--data-dir", str(mnist_dir), "--n", "3", "--out", str(out)])
+    cell = 28 * 3 + 2
+    w, h = Image.open(out).size
+    assert w == 2 + 8 * cell and h > 2 + 3 * cell                  # 8 t-columns, labels below
+
+
+def test_forward_strip_keeps_the_digit_early_and_is_noise_late():
+    from conftest import synthetic_digits
+    images, _ = synthetic_digits(2)
+    img = dm.forward_picture(images, dm.NoiseSchedule())
+    a = torch.from_numpy(np.array(img)).float()
+    cell = 28 * 3 + 2
+    x = images.float()
+
+    def corr(r, c):   # correlation of a drawn cell (downsampled x3) with the clean digit
+        tile = a[2 + r * cell: 2 + r * cell + 84: 3, 2 + c * cell: 2 + c * cell + 84: 3]
+        return torch.corrcoef(torch.stack([tile.flatten(), x[r].flatten()]))[0, 1].item()
+    for r in range(2):
+        assert corr(r, 0) > 0.99 and corr(r, 1) > 0.8             # t = 0, 50: the digit
+        assert abs(corr(r, 7)) < 0.2                               # t = 999: noise
+
+
+def test_gif_has_the_stated_frames_for_both_samplers(tiny_run, tmp_path):
+    for sampler, steps, frames in (("ddim", 10, 10), ("ddpm", None, 50)):
+        out = tmp_path / f"{sampler}.gif"
+        dm.main(["sample", "--ckpt", str(tiny_run / "ckpt.pt"), "--sampler", sampler, "--n", "4", "--gif",
+                 "--out", str(out), "--device", "cpu"] + (["--steps", str(steps)] if steps else []))
+        img = Image.open(out)
+        assert img.format == "GIF" and img.n_frames == frames
+    assert dm.frame_indices(1000)[-1] == 999 and len(dm.frame_indices(1000)) == 50
+
+
+def test_interpolation_endpoints_are_plain_ddim_samples(tiny_run, tmp_path):
+    model, cfg = dm.model_from_checkpoint(dm.load_checkpoint(tiny_run / "ckpt.pt"))
+    s = dm.NoiseSchedule()
+    z = dm.interpolation_noise(2, 5, seed=3)                        # (10, 1, 28, 28)
+    g = torch.Generator().manual_seed(3)
+    ends = torch.randn(2, 2, 1, 28, 28, generator=g)
+    torch.testing.assert_close(z[0], ends[0, 0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(z[4], ends[0, 1], rtol=0, atol=1e-5)
+    out = dm.ddim_sample(model, s, z, steps=5)
+    plain = dm.ddim_sample(model, s, torch.stack([ends[0, 0], ends[0, 1]]), steps=5)
+    torch.testing.assert_close(out[[0, 4]], plain, rtol=0, atol=1e-4)
+    # the path stays on the sphere of Gaussian noise: norms in between are like the ends'
+    norms = z[:5].flatten(1).norm(dim=1)
+    assert (norms.min() / norms.max()) > 0.9
+    p = tmp_path / "i.png"
+    dm.main(["interpolate", "--ckpt", str(tiny_run / "ckpt.pt"), "--rows", "2", "--cols", "5", "--steps", "5",
+             "--out", str(p), "--device", "cpu"])
+    assert Image.open(p).size == (2 + 5 * 58, 2 + 2 * 58)
+
+
+def test_progress_picture_from_a_runs_grids(tiny_run, tmp_path):
+    out = tmp_path / "p.png"
+    dm.main(["progress", "--run-dir", str(tiny_run), "--out", str(out)])
+    img = Image.open(out)
+    assert img.size[1] == 2 + 2 * 58                                # the run had epochs 1 and 2
+
+
+def test_sample_loads_the_fp16_weights_file(tiny_run, tmp_path):
+    """The format of samples/ema_fp16.pt: only the EMA weights in fp16 and the config."""
+    ck = torch.load(tiny_run / "ckpt.pt", weights_only=True)
+    torch.save({"ema": {k: v.half() for k, v in ck["ema"].items()}, "config": ck["config"]}, tmp_path / "e.pt")
+    out = tmp_path / "s.png"
+    dm.main(["sample", "--ckpt", str(tmp_path / "e.pt"), "--n", "4", "--steps", "5", "--out", str(out),
+             "--device", "cpu"])
+    Image.open(out).verify()
