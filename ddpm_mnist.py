@@ -38,7 +38,7 @@ import pickle
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -93,47 +93,11 @@ def config_from_dict(d):
 
 
 # -----------------------------------------------------------------------------
-# Step 1: the noise schedule.
+# Steps 1 and 2: the noise schedule, and the forward process in closed form.
 #
 # Timestep convention, used everywhere below: an index t in 0..T-1 is the paper's
 # timestep t+1. So betas[0] is the paper's beta_1, alphas_cumprod[T-1] is alpha_bar_T,
 # and alphas_cumprod_prev[0] = 1 stands for alpha_bar_0 (no noise at all).
-
-
-class NoiseSchedule(nn.Module):
-    """Linear betas and every quantity derived from them, as float32 buffers.
-
-    Computed once in float64 (1 - alpha_bar_t underflows in float32 near t = 0), cast to
-    float32 and registered by name, so `.to(device)` moves them and a reader can grep
-    each one against the original DDPM code, whose names these are.
-    """
-
-    def __init__(self, T=1000, beta_1=1e-4, beta_T=0.02):
-        super().__init__()
-        self.T = T
-        betas = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
-        alphas = 1.0 - betas
-        alphas_cumprod = torch.cumprod(alphas, dim=0)                     # alpha_bar_t
-        alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)  # alpha_bar_{t-1}
-        # Eq. 7: the forward posterior q(x_{t-1} | x_t, x_0) = N(mean, beta_tilde_t I)
-        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        buffers = dict(
-            betas=betas,
-            alphas=alphas,
-            alphas_cumprod=alphas_cumprod,
-            alphas_cumprod_prev=alphas_cumprod_prev,
-            sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
-            sqrt_one_minus_alphas_cumprod=(1.0 - alphas_cumprod).sqrt(),
-            sqrt_recip_alphas_cumprod=(1.0 / alphas_cumprod).sqrt(),
-            sqrt_recipm1_alphas_cumprod=(1.0 / alphas_cumprod - 1.0).sqrt(),
-            posterior_variance=posterior_variance,
-            posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
-            posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
-        )
-        for name, value in buffers.items():
-            self.register_buffer(name, value.float(), persistent=False)
-        assert self.alphas_cumprod_prev[0] == 1.0 and self.posterior_variance[0] == 0.0, \
-            "index 0 must be the paper's t = 1, whose posterior is the data itself"
 
 
 def extract(a, t, x):
@@ -141,17 +105,43 @@ def extract(a, t, x):
     return a[t].view(-1, *([1] * (x.dim() - 1)))
 
 
-# -----------------------------------------------------------------------------
-# Step 2: the forward process, in closed form.
+class NoiseSchedule(nn.Module):
+    """Linear betas and every quantity derived from them, as float32 buffers.
 
+    Computed once in float64 (1 - alpha_bar_t loses most of its digits in float32 near
+    t = 0), then cast to float32 and registered by name, so `.to(device)` moves them and
+    each name can be grepped against the original DDPM code, whose names these are.
+    """
 
-def q_sample(schedule, x0, t, noise):
-    """Eq. 4: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, for any t at once."""
-    return extract(schedule.sqrt_alphas_cumprod, t, x0) * x0 + \
-        extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+    def __init__(self, T=1000, beta_1=1e-4, beta_T=0.02):
+        super().__init__()
+        self.T = T
+        f32 = lambda v: v.to(torch.float32)
+        betas = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)                          # alpha_bar_t
+        alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)   # alpha_bar_{t-1}
+        self.register_buffer("betas", f32(betas))
+        self.register_buffer("alphas", f32(alphas))
+        self.register_buffer("alphas_cumprod", f32(alphas_cumprod))
+        self.register_buffer("alphas_cumprod_prev", f32(alphas_cumprod_prev))
+        # for q(x_t | x_0) (Eq. 4) and for recovering x_0 from x_t and eps
+        self.register_buffer("sqrt_alphas_cumprod", f32(alphas_cumprod.sqrt()))
+        self.register_buffer("sqrt_one_minus_alphas_cumprod", f32((1.0 - alphas_cumprod).sqrt()))
+        self.register_buffer("sqrt_recip_alphas_cumprod", f32((1.0 / alphas_cumprod).sqrt()))
+        self.register_buffer("sqrt_recipm1_alphas_cumprod", f32((1.0 / alphas_cumprod - 1.0).sqrt()))
+        # Eq. 6-7: the posterior q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta_tilde_t I)
+        self.register_buffer("posterior_variance", f32(betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)))
+        self.register_buffer("posterior_mean_coef1", f32(betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod)))
+        self.register_buffer("posterior_mean_coef2",
+                             f32((1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod)))
+        assert self.alphas_cumprod_prev[0] == 1.0 and self.posterior_variance[0] == 0.0, \
+            "index 0 must be the paper's t = 1, whose posterior is the data itself"
 
-
-NoiseSchedule.q_sample = q_sample  # also callable as schedule.q_sample(x0, t, noise)
+    def q_sample(self, x0, t, noise):
+        """Step 2, Eq. 4: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, any t at once."""
+        return extract(self.sqrt_alphas_cumprod, t, x0) * x0 + \
+            extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
 
 # -----------------------------------------------------------------------------
@@ -511,8 +501,8 @@ def model_from_checkpoint(ckpt, weights="ema", flag="--ckpt"):
     (float32, also from the fp16 file in samples/)."""
     cfg = config_from_dict(ckpt["config"])
     check_channels(cfg.channels, flag)
-    state = ckpt.get(weights) if weights in ckpt else None
-    if state is None:
+    state = ckpt.get(weights)
+    if not isinstance(state, dict):
         raise UserError(f"{flag}: this checkpoint has no '{weights}' weights (it has: "
                         f"{', '.join(k for k in ('ema', 'model') if k in ckpt)})")
     model = UNet(cfg.channels, cfg.num_res_blocks)
@@ -567,36 +557,69 @@ def write_loss_csv(history, path):
     save_text(out.getvalue(), path)
 
 
+def build(cfg, device):
+    """The schedule, the network, its float32 EMA copy and the optimizer, on `device`."""
+    schedule = NoiseSchedule(cfg.T, cfg.beta_1, cfg.beta_T).to(device)
+    model = UNet(cfg.channels, cfg.num_res_blocks).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    return schedule, model, ema, make_optimizer(model, cfg, device)
+
+
+def restore(ckpt, model, ema, opt, gen):
+    """Put a run back exactly where its checkpoint left it: weights, optimizer moments,
+    the generator that draws t and eps, and the running loss of the current epoch."""
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["opt"])
+    gen.set_state(ckpt["rng"])
+    return ckpt["step"], {k: ckpt[k] for k in ("epoch_loss_sum", "history", "seconds")}
+
+
+@contextmanager
+def sigint_flag():
+    """Ctrl-C sets a flag instead of killing the process mid-step, so the loop can finish
+    the step, save and leave. A second Ctrl-C kills as usual."""
+    flag = {"set": False}
+
+    def handler(signum, frame):
+        flag["set"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def end_epoch(epoch, step, loss_sum, steps_per_epoch, state, cfg, ema, schedule, device, bf16, run_dir):
+    """The per-epoch outputs: a loss.csv row and a grid of EMA samples."""
+    state["history"].append(dict(epoch=epoch, step=step, seconds=state["seconds"],
+                                 mean_loss=loss_sum.item() / steps_per_epoch))
+    write_loss_csv(state["history"], run_dir / "loss.csv")
+    if cfg.grid_n:
+        epoch_grid(ema, schedule, cfg, device, bf16, run_dir / f"grid_epoch{epoch:03d}.png")
+
+
 def train(cfg, run_dir, device, resume=False, max_steps=None, max_minutes=None, ckpt_every=0,
           compile=False, data_dir="data"):
-    """The flat training loop (Alg. 1) with per-epoch checkpoint, grid and loss CSV."""
-    run_dir = Path(run_dir)
+    """Alg. 1 as one flat loop, with a checkpoint, a loss.csv row and a sample grid per epoch."""
+    run_dir, ckpt_path = Path(run_dir), Path(run_dir) / "ckpt.pt"
     images, _ = load_mnist(data_dir, train=True)            # fails fast, before any model work
-    ckpt = load_checkpoint(run_dir / "ckpt.pt") if resume else None
+    ckpt = load_checkpoint(ckpt_path) if resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     set_fast_math(device)
     bf16 = use_bf16(device, cfg.precision)
     data = images.to(device)                                # (N, 28, 28) uint8, on the device
-    schedule = NoiseSchedule(cfg.T, cfg.beta_1, cfg.beta_T).to(device)
-    model = UNet(cfg.channels, cfg.num_res_blocks).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = make_optimizer(model, cfg, device)
+    schedule, model, ema, opt = build(cfg, device)
     gen = torch.Generator(device).manual_seed(cfg.seed)     # draws every t and eps
-    state = dict(epoch_loss_sum=0.0, history=[], seconds=0.0)
-    step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        gen.set_state(ckpt["rng"])
-        step = ckpt["step"]
-        state = {k: ckpt[k] for k in state}
+    step, state = restore(ckpt, model, ema, opt, gen) if ckpt else (0, dict(epoch_loss_sum=0.0, history=[], seconds=0.0))
     fwd = torch.compile(model) if compile else model        # checkpoints keep the plain names
     steps_per_epoch = len(data) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"--batch-size {cfg.batch_size}: larger than the {len(data)} training images")
-    total = cfg.epochs * steps_per_epoch if max_steps is None else min(max_steps, cfg.epochs * steps_per_epoch)
+    total = min(max_steps or math.inf, cfg.epochs * steps_per_epoch)
     save_text(json.dumps(asdict(cfg), indent=2) + "\n", run_dir / "config.json")
     print(f"UNet: {count_params(model):,} parameters, channels {cfg.channels}; device {device}, "
           f"{'bf16 autocast' if bf16 else 'fp32'}; {steps_per_epoch} steps/epoch, {cfg.epochs} epochs"
@@ -604,69 +627,51 @@ def train(cfg, run_dir, device, resume=False, max_steps=None, max_minutes=None, 
     if device.type == "cpu" and cfg.preset == "paper":
         print("note: the case-study recipe takes many hours on a CPU; `--preset cpu` makes digits in "
               "about 30 minutes (README, CPU preset)", file=sys.stderr)
-    if step >= total:
-        print(f"nothing to do: the checkpoint is at step {step}, the run ends at step {total}")
-        return model, ema
 
-    stop = {"signal": False}
-
-    def on_sigint(signum, frame):  # finish the step, save, then leave (a second ^C kills)
-        stop["signal"] = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    old_handler = signal.signal(signal.SIGINT, on_sigint)
-    ckpt_path = run_dir / "ckpt.pt"
-    last_good = ckpt_path if ckpt_path.exists() and resume else None
+    last_good = (ckpt_path, step) if resume else None
     t_start, seconds0 = time.time(), state["seconds"]
-    recent, recent_from = [], step
+    recent, recent_from = [], step          # losses not yet checked: a check syncs with the GPU
     loss_sum = torch.tensor(state["epoch_loss_sum"], device=device)
     pbar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0)
-    batches = None
+    stop = out_of_time = False
     try:
-        while step < total:
-            epoch, i = divmod(step, steps_per_epoch)
-            if batches is None or i == 0:
-                batches = epoch_batches(len(data), cfg.batch_size, cfg.seed, epoch).to(device)
-            x0 = to_model_range(data[batches[i]])                # (B, 1, 28, 28) in [-1, 1]
-            loss = train_step(model, fwd, ema, opt, schedule, x0, gen, bf16, step, cfg)
-            loss_sum += loss
-            recent.append(loss)
-            step += 1
-            end_of_epoch = step % steps_per_epoch == 0
-            out_of_time = max_minutes is not None and time.time() - t_start > 60 * max_minutes
-            save_now = end_of_epoch or step == total or out_of_time or stop["signal"] or \
-                (ckpt_every and step % ckpt_every == 0)
-            if len(recent) == 50 or save_now:
-                check_finite(recent, recent_from)
-                rate = pbar.format_dict["rate"] or 0                     # steps/s
-                pbar.set_postfix(loss=f"{torch.stack(recent).mean().item():.4f}", img_s=f"{rate * cfg.batch_size:.0f}")
-                pbar.update(len(recent))
-                recent, recent_from = [], step
-            state["seconds"] = seconds0 + time.time() - t_start
-            if end_of_epoch:
-                state["history"].append(dict(epoch=epoch + 1, step=step, seconds=state["seconds"],
-                                             mean_loss=loss_sum.item() / steps_per_epoch))
-                loss_sum.zero_()
-                write_loss_csv(state["history"], run_dir / "loss.csv")
-                if cfg.grid_n:
-                    epoch_grid(ema, schedule, cfg, device, bf16, run_dir / f"grid_epoch{epoch + 1:03d}.png")
-            if save_now:
-                state["epoch_loss_sum"] = loss_sum.item()
-                save_checkpoint(ckpt_path, cfg, model, ema, opt, step, dict(state, rng=gen.get_state()))
-                last_good = ckpt_path
-            if out_of_time or stop["signal"]:
-                break
+        with sigint_flag() as interrupted:
+            while step < total and not (stop or out_of_time):
+                epoch, i = divmod(step, steps_per_epoch)
+                if i == 0 or step == recent_from:            # a new epoch, or the first step after a resume
+                    batches = epoch_batches(len(data), cfg.batch_size, cfg.seed, epoch).to(device)
+                x0 = to_model_range(data[batches[i]])          # (B, 1, 28, 28) in [-1, 1]
+                loss = train_step(model, fwd, ema, opt, schedule, x0, gen, bf16, step, cfg)
+                loss_sum += loss
+                recent.append(loss)
+                step += 1
+                stop, end_of_epoch = interrupted["set"], step % steps_per_epoch == 0
+                out_of_time = max_minutes is not None and time.time() - t_start > 60 * max_minutes
+                save_now = end_of_epoch or step == total or out_of_time or stop or \
+                    (ckpt_every and step % ckpt_every == 0)
+                if len(recent) == 50 or save_now:
+                    check_finite(recent, recent_from)
+                    pbar.set_postfix(loss=f"{torch.stack(recent).mean().item():.4f}",
+                                     img_s=f"{(pbar.format_dict['rate'] or 0) * cfg.batch_size:.0f}")
+                    pbar.update(len(recent))
+                    recent, recent_from = [], step
+                state["seconds"] = seconds0 + time.time() - t_start
+                if end_of_epoch:
+                    end_epoch(epoch + 1, step, loss_sum, steps_per_epoch, state, cfg, ema, schedule, device, bf16, run_dir)
+                    loss_sum.zero_()
+                if save_now:  # written last, so a kill before it replays this epoch end exactly
+                    state["epoch_loss_sum"] = loss_sum.item()
+                    save_checkpoint(ckpt_path, cfg, model, ema, opt, step, dict(state, rng=gen.get_state()))
+                    last_good = (ckpt_path, step)
     except NonFiniteLoss as e:
         pbar.close()
-        kept = f"the last good checkpoint is {last_good} (step {torch.load(last_good, weights_only=True)['step']})" \
-            if last_good else "no checkpoint was written"
+        kept = f"the last good checkpoint is {last_good[0]} (step {last_good[1]})" if last_good \
+            else "no checkpoint was written"
         print(f"error: the loss became NaN or infinite at step {e.args[0]}; {kept}. "
               f"Try a smaller --lr, or --precision fp32.", file=sys.stderr)
         sys.exit(1)
-    finally:
-        signal.signal(signal.SIGINT, old_handler)
     pbar.close()
-    if stop["signal"]:
+    if stop:
         print(f"interrupted: saved {ckpt_path} at step {step}; continue with\n"
               f"  python ddpm_mnist.py train --run-dir {run_dir} --resume", file=sys.stderr)
         sys.exit(130)
@@ -868,16 +873,21 @@ def class_stats(probs, confident=0.9):
                 confident_share=float((probs.max(1).values >= confident).double().mean()))
 
 
-def nearest_distances(queries_uint8, ref_uint8, device, exclude_self=False):
+def nearest_distances(queries_uint8, ref_uint8, device):
     """Per query, the L2 distance (pixels in [0, 1]) to its nearest image in ref."""
     ref = ref_uint8.to(device).flatten(1).float() / 255
     out = []
     for q in queries_uint8.split(500):
         d = torch.cdist(q.to(device).flatten(1).float() / 255, ref)    # (500, N_ref)
-        if exclude_self:
-            d[d == 0] = float("inf")
         out.append(d.min(1).values.cpu())
     return torch.cat(out)
+
+
+def load_checkpoint_plain(path, flag):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{flag} {path}: not a readable file ({type(e).__name__}); delete it to rebuild it") from None
 
 
 def classifier_cache(path, data_dir, device):
@@ -899,13 +909,6 @@ def classifier_cache(path, data_dir, device):
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: torch.save(c, f))
     return clf.to(device), c
-
-
-def load_checkpoint_plain(path, flag):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{flag} {path}: not a readable file ({type(e).__name__}); delete it to rebuild it") from None
 
 
 def fid_floor(clf, cache, train_images, n, device, seed=0):
@@ -974,11 +977,12 @@ FORWARD_T = (0, 50, 100, 200, 400, 600, 800, 999)
 
 
 def forward_picture(images_uint8, schedule, ts=FORWARD_T, seed=0):
-    """Step 2 made visible: each digit a row, noised in closed form (Eq. 4) at each t."""
+    """Step 2 made visible: each digit a row, noised in closed form (Eq. 4) at each t.
+    Under each column: t and sqrt(alpha_bar_t), the weight of the digit left in x_t."""
     x0 = to_model_range(images_uint8)                                       # (R, 1, 28, 28)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     cols = [to_uint8(schedule.q_sample(x0, _full(x0, t), noise)) for t in ts]   # C x (R, 28, 28)
-    labels = [f"t={t}\n{schedule.sqrt_alphas_cumprod[t]:.3f}" for t in ts]
+    labels = [f"t={t}\nsignal {schedule.sqrt_alphas_cumprod[t]:.3f}" for t in ts]   # sqrt(alpha_bar_t)
     return labeled_grid(torch.stack(cols, dim=1), col_labels=labels, scale=3)
 
 
@@ -1222,6 +1226,17 @@ def check_out(flag, path, folder=False):
         raise UserError(f"{flag} {path}: the folder {parent} is not writable") from None
 
 
+def check_run_dir(path):
+    """A run folder may not exist yet (train makes it and its parents), but the nearest
+    folder that does exist must be writable."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"--run-dir {path}: is a file, not a folder")
+    existing = next(a for a in [p, *p.parents] if a.exists())
+    if not os.access(existing, os.W_OK) or not existing.is_dir():
+        raise UserError(f"--run-dir {path}: {existing} is not a writable folder")
+
+
 DEFAULTS = Config()
 TRAIN_FLAGS = ("epochs", "batch_size", "lr", "channels", "ema_decay", "seed", "precision", "grid_n")
 
@@ -1237,11 +1252,24 @@ def add_common(p, ckpt=True, precision=True):
                        help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32 (default: auto)")
 
 
-def build_parser():
-    ap = Parser(prog="ddpm_mnist.py", description=__doc__.split("\n\n")[1],
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_sampler_args(p):
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim",
+                   help="ddpm: all T ancestral steps; ddim: --steps jumps (default: ddim)")
+    p.add_argument("--steps", type=int_in(1, DEFAULTS.T),
+                   help=f"DDIM steps, 1..{DEFAULTS.T} (default: 50; DDPM always takes all {DEFAULTS.T})")
+    p.add_argument("--eta", type=float_over(0, strict=False), default=0.0,
+                   help="DDIM noise: 0 deterministic, 1 like DDPM (default: 0)")
+    p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 to [-1, 1]")
 
+
+def add_eval_args(p):
+    p.add_argument("--data-dir", default="data", help="where MNIST/raw is (default: data)")
+    p.add_argument("--classifier", default="runs/mnist_classifier.pt",
+                   help="cached classifier, trained here on first use (default: runs/mnist_classifier.pt)")
+    p.add_argument("--seed", type=int_in(0), default=0, help="seed of the starting noise (default: 0)")
+
+
+def add_train_parser(sub):
     p = sub.add_parser("train", help="train a DDPM on MNIST (Alg. 1)",
                        description="Train the U-Net; writes ckpt.pt, config.json, loss.csv and per-epoch "
                                    "EMA sample grids into --run-dir.")
@@ -1270,6 +1298,8 @@ def build_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slower start, faster steps)")
     p.set_defaults(func=cmd_train)
 
+
+def add_sample_parser(sub):
     p = sub.add_parser("sample", help="draw digits with DDPM or DDIM (Alg. 2, DDIM Eq. 12)",
                        description="Sample from a checkpoint's EMA weights into a PNG grid, an .npz, "
                                    "a folder of PNGs, or a denoising GIF.")
@@ -1288,6 +1318,8 @@ def build_parser():
     p.add_argument("--seed", type=int_in(0), default=0, help="seed of the starting noise (default: 0)")
     p.set_defaults(func=cmd_sample)
 
+
+def add_evaluate_parser(sub):
     p = sub.add_parser("evaluate", help="FID, digit classes and memorization of samples",
                        description="Score N samples (generated, or read from --samples) with a cached MNIST "
                                    "classifier; prints a table and writes evaluate.json beside the checkpoint.")
@@ -1300,6 +1332,8 @@ def build_parser():
     p.add_argument("--out", help="report path (default: evaluate.json beside --ckpt or --samples)")
     p.set_defaults(func=cmd_evaluate)
 
+
+def add_compare_parser(sub):
     p = sub.add_parser("compare", help="DDPM-1000 against DDIM at 10-100 steps, same noise",
                        description="From one starting noise: DDPM (all T steps), DDIM eta=0 at 10, 20, 50, "
                                    "100 steps and DDIM eta=1 at 50; a table and a picture.")
@@ -1310,6 +1344,8 @@ def build_parser():
     p.add_argument("--out", default="samples/compare.png", help="picture path (default: samples/compare.png)")
     p.set_defaults(func=cmd_compare)
 
+
+def add_bench_parser(sub):
     p = sub.add_parser("bench", help="time a training step and the samplers",
                        description="Train-step time by phase, images/s, FLOPs and TFLOP/s, sampling time "
                                    "for a batch, peak memory.")
@@ -1321,6 +1357,8 @@ def build_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
     p.set_defaults(func=cmd_bench)
 
+
+def add_forward_parser(sub):
     p = sub.add_parser("forward", help="picture: real digits noised at t = 0 .. 999 (Step 2)")
     p.add_argument("--data-dir", default="data", help="where MNIST/raw is (default: data)")
     p.add_argument("--n", type=int_in(1, 16), default=4, help="digits, one per row (default: 4)")
@@ -1328,6 +1366,8 @@ def build_parser():
     p.add_argument("--out", default="samples/forward.png", help="picture path (default: samples/forward.png)")
     p.set_defaults(func=cmd_forward)
 
+
+def add_interpolate_parser(sub):
     p = sub.add_parser("interpolate", help="picture: DDIM from slerped noises morphs one digit into another")
     add_common(p)
     p.add_argument("--rows", type=int_in(1, 16), default=4, help="pairs of noises (default: 4)")
@@ -1337,30 +1377,24 @@ def build_parser():
     p.add_argument("--out", default="samples/interpolate.png", help="picture path (default: samples/interpolate.png)")
     p.set_defaults(func=cmd_interpolate)
 
+
+def add_progress_parser(sub):
     p = sub.add_parser("progress", help="picture: a run's per-epoch EMA grids, one row per epoch")
     p.add_argument("--run-dir", default="runs/ddpm", help="run folder with grid_epochNNN.png (default: runs/ddpm)")
     p.add_argument("--epochs", default="1,5,10,20,30,50", help="epochs to show (default: 1,5,10,20,30,50)")
     p.add_argument("--n", type=int_in(1, 8), default=8, help="samples per row (default: 8)")
     p.add_argument("--out", default="samples/progress.png", help="picture path (default: samples/progress.png)")
     p.set_defaults(func=cmd_progress)
+
+
+def build_parser():
+    ap = Parser(prog="ddpm_mnist.py", description=__doc__.split("\n\n")[1],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (add_train_parser, add_sample_parser, add_evaluate_parser, add_compare_parser,
+                add_bench_parser, add_forward_parser, add_interpolate_parser, add_progress_parser):
+        add(sub)
     return ap
-
-
-def add_sampler_args(p):
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim",
-                   help="ddpm: all T ancestral steps; ddim: --steps jumps (default: ddim)")
-    p.add_argument("--steps", type=int_in(1, DEFAULTS.T),
-                   help=f"DDIM steps, 1..{DEFAULTS.T} (default: 50; DDPM always takes all {DEFAULTS.T})")
-    p.add_argument("--eta", type=float_over(0, strict=False), default=0.0,
-                   help="DDIM noise: 0 deterministic, 1 like DDPM (default: 0)")
-    p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 to [-1, 1]")
-
-
-def add_eval_args(p):
-    p.add_argument("--data-dir", default="data", help="where MNIST/raw is (default: data)")
-    p.add_argument("--classifier", default="runs/mnist_classifier.pt",
-                   help="cached classifier, trained here on first use (default: runs/mnist_classifier.pt)")
-    p.add_argument("--seed", type=int_in(0), default=0, help="seed of the starting noise (default: 0)")
 
 
 # --- subcommands --------------------------------------------------------------
@@ -1384,16 +1418,13 @@ def train_config(args):
     if ckpt_path.exists() and not args.overwrite:
         raise UserError(f"--run-dir {args.run_dir}: already holds a checkpoint; add --resume to continue it "
                         "or --overwrite to start over")
-    if Path(args.run_dir).exists() and not Path(args.run_dir).is_dir():
-        raise UserError(f"--run-dir {args.run_dir}: is a file, not a folder")
     return replace(PRESETS[args.preset], **given)
 
 
 def cmd_train(args):
     cfg = train_config(args)
     device = resolve_device(args.device)
-    check_out("--run-dir", Path(args.run_dir) / "ckpt.pt") if Path(args.run_dir).is_dir() else \
-        check_out("--run-dir", args.run_dir, folder=True)
+    check_run_dir(args.run_dir)
     train(cfg, args.run_dir, device, resume=args.resume, max_steps=args.max_steps, max_minutes=args.max_minutes,
           ckpt_every=args.ckpt_every, compile=args.compile, data_dir=args.data_dir)
 
@@ -1423,6 +1454,8 @@ def cmd_sample(args):
     steps = sampler_steps(args, DEFAULTS.T)
     ext = ".gif" if args.gif else {"png": ".png", "npz": ".npz", "png-dir": ""}[args.format]
     out = args.out or f"samples/{args.sampler}_{steps}{ext}"
+    if ext and Path(out).suffix.lower() != ext:
+        raise UserError(f"--out {out}: with {'--gif' if args.gif else '--format ' + args.format} the file must end in {ext}")
     check_out("--out", out, folder=args.format == "png-dir")
     model, schedule, device, bf16 = load_for_sampling(args)
     t0 = time.time()

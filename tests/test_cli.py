@@ -99,6 +99,7 @@ BAD = [
     ("sample", "--sampler", "ddpm", "--steps", "50"),
     ("sample", "--format", "gif"),
     ("sample", "--gif", "--format", "npz"),
+    ("sample", "--gif", "--out", "out/x.png"),
     ("sample", "--format", "png-dir", "--out", "out"),
     ("train", "--epochs", "0"),
     ("train", "--batch-size", "0"),
