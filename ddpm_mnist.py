@@ -1107,9 +1107,8 @@ def bench(cfg, device, batch_size, reps=5, compile=False):
     x0 = to_model_range(torch.randint(0, 256, (batch_size, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, device=device))
     gen = torch.Generator(device).manual_seed(0)
     print(f"UNet: {count_params(model):,} parameters, channels {cfg.channels}; {gflop:.3f} GFLOP forward per image")
-    print(f"device {device}, {'bf16 autocast' if bf16 else 'fp32'}, batch {batch_size}, torch {torch.__version__}"
-          + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else f", {torch.cuda.get_device_name(device)}"
-             if device.type == "cuda" else ""))
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"device {device} ({card}), {'bf16 autocast' if bf16 else 'fp32'}, batch {batch_size}, torch {torch.__version__}")
     t_warm = timed(lambda: [train_step(model, fwd, ema, opt, schedule, x0, gen, bf16, 0, cfg) for _ in range(3)], device)
     phases = {"forward+loss": [], "backward": [], "optimizer": [], "ema": []}
     for _ in range(reps):
@@ -1127,11 +1126,11 @@ def bench(cfg, device, batch_size, reps=5, compile=False):
           + f"; whole step {1e3 * step_s:.1f}")
     print(f"train throughput: {batch_size / step_s:,.0f} images/s; {3 * gflop * batch_size / step_s / 1e3:.2f} TFLOP/s "
           f"achieved (3 x forward FLOPs); one 50-epoch recipe = {50 * 468 * 128 / (batch_size / step_s) / 60:.1f} min")
-    bench_sampling(ema, fwd, schedule, device, bf16, batch_size)
+    bench_sampling(ema, schedule, device, bf16, batch_size)
     print(f"peak memory: {peak_memory_mb(device):,.0f} MB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
 
 
-def bench_sampling(ema, fwd, schedule, device, bf16, batch_size):
+def bench_sampling(ema, schedule, device, bf16, batch_size):
     x_T = torch.randn(batch_size, 1, IMAGE_SIZE, IMAGE_SIZE, device=device)
     with autocast(device, bf16):
         ddim_sample(ema, schedule, x_T, steps=2)                          # warm-up

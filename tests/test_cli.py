@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import ddpm_mnist as dm
-from conftest import TINY_ARGS, cli
+from conftest import cli
 
 
 def test_train_writes_checkpoint_grids_csv_and_config(tiny_run):

@@ -4,7 +4,6 @@ import torch
 from PIL import Image
 
 import ddpm_mnist as dm
-from conftest import TINY_ARGS
 
 
 def test_forward_strip(mnist_dir, tmp_path):

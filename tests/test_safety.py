@@ -1,7 +1,5 @@
 """Never lose a run: exact resume after SIGKILL, Ctrl-C, atomic files, safe loading,
 numerical faults."""
-import os
-import pickle
 import signal
 import subprocess
 import sys
