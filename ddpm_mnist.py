@@ -214,8 +214,8 @@ class UNet(nn.Module):
     Decoder layout, chosen for the case study's "about 10M parameters": one skip per
     level, concatenated into the first decoder block. The original DDPM U-Net keeps a
     skip after every block and has one more decoder block per level, each wider for the
-    extra concatenations, which would put this network well above 14M parameters (not
-    built here, so no exact count). No attention layers: the case study has none, and at 7 and 3 px the
+    extra concatenations: more parameters than the case study's size (not built here, so
+    no count is given). No attention layers: the case study has none, and at 7 and 3 px the
     convolutions already see the whole image.
     """
 
