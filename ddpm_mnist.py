@@ -77,9 +77,10 @@ class Config:
 PRESETS = {
     "paper": Config(),
     # Chosen by measurement on a 2-core AVX512-BF16 CPU (README, "CPU preset"): half the
-    # widths is 4x fewer FLOPs; in a fixed half hour, batch 64 (3,748 steps) beat batch 128
-    # (2,340 steps); a larger learning rate and a shorter EMA suit a run that short.
-    "cpu": Config(channels=(32, 64, 128, 128), batch_size=64, epochs=4, lr=1e-3, ema_decay=0.999, preset="cpu"),
+    # widths is 4x fewer FLOPs; in a fixed half hour, batch 64 beat batch 128, and a fifth
+    # epoch lifted the confident share from 80% to 83%; a larger learning rate and a
+    # shorter EMA suit a run that short.
+    "cpu": Config(channels=(32, 64, 128, 128), batch_size=64, epochs=5, lr=1e-3, ema_decay=0.999, preset="cpu"),
 }
 IMAGE_SIZE = 28
 GROUPS = 8                       # GroupNorm groups, so every width must divide by 8
@@ -388,9 +389,10 @@ def set_fast_math(device):
 
 
 def make_optimizer(model, cfg, device):
-    # Fused AdamW updates all tensors in one kernel on CUDA.
+    # Fused AdamW updates every tensor in one kernel instead of ~6 small ops per tensor:
+    # on the 2-core CPU it cut the preset's optimizer step from 9.3 to 3.0 ms.
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                             fused=device.type == "cuda")
+                             fused=device.type in ("cuda", "cpu"))
 
 
 def diffusion_loss(model, schedule, x0, generator, bf16=False):
@@ -626,7 +628,7 @@ def train(cfg, run_dir, device, resume=False, max_steps=None, max_minutes=None, 
           + (f"; resuming at step {step}" if step else ""))
     if device.type == "cpu" and cfg.preset == "paper":
         print("note: the case-study recipe takes many hours on a CPU; `--preset cpu` makes digits in "
-              "about 25 minutes (README, CPU preset)", file=sys.stderr)
+              "under 30 minutes on 2 cores (README, CPU preset)", file=sys.stderr)
 
     last_good = (ckpt_path, step) if resume else None
     t_start, seconds0 = time.time(), state["seconds"]

@@ -97,3 +97,29 @@ def test_bf16_and_fp32_training_give_the_same_losses():
     for a, b in zip(runs[False], runs[True]):
         assert abs(a - b) < 0.02 * a, runs
     assert runs[False] != runs[True]          # bf16 really ran
+
+
+def test_fused_adamw_follows_the_adamw_update_by_hand():
+    """make_optimizer's fused AdamW against Loshchilov & Hutter's Alg. 2 written out in
+    float64: theta <- theta (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps), over 3 steps."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    cfg = dm.Config(lr=1e-2, weight_decay=0.1)
+    opt = dm.make_optimizer(model, cfg, torch.device("cpu"))
+    assert opt.param_groups[0]["fused"]
+    theta = [p.detach().double().clone() for p in model.parameters()]
+    m = [torch.zeros_like(p) for p in theta]
+    v = [torch.zeros_like(p) for p in theta]
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for k in range(1, 4):
+        grads = [torch.randn(p.shape, dtype=torch.float64) for p in theta]
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.float()
+        opt.step()
+        for i, g in enumerate(grads):
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            m_hat, v_hat = m[i] / (1 - b1 ** k), v[i] / (1 - b2 ** k)
+            theta[i] = theta[i] * (1 - cfg.lr * cfg.weight_decay) - cfg.lr * m_hat / (v_hat.sqrt() + eps)
+    for p, want in zip(model.parameters(), theta):
+        torch.testing.assert_close(p.detach().double(), want, rtol=0, atol=1e-6)
