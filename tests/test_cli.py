@@ -124,6 +124,9 @@ BAD = [
     ("interpolate", "--cols", "1"),
     ("progress", "--run-dir", "empty"),
     ("bench", "--batch-size", "0"),
+    ("export", "--out", "runs/ddpm/ckpt.pt"),                 # over the checkpoint it reads
+    ("export", "--out", "out/w.png"),
+    ("export", "--ckpt", "notackpt.pt", "--out", "out/w.pt"),
     ("nosuchcommand",),
 ] + ([] if CUDA else [("sample", "--device", "cuda"), ("train", "--device", "cuda", "--run-dir", "newrun")])
 
@@ -150,12 +153,13 @@ def test_bad_command_lines_exit_2_with_one_line_and_change_nothing(workdir):
 
 def test_help_explains_every_subcommand(capsys):
     for cmd in ([], ["train"], ["sample"], ["evaluate"], ["compare"], ["bench"], ["forward"], ["interpolate"],
-                ["progress"]):
+                ["progress"], ["export"]):
         with pytest.raises(SystemExit) as e:
             dm.main(cmd + ["--help"])
         assert e.value.code == 0
         text = capsys.readouterr().out
         assert "default" in text or not cmd, cmd
         if not cmd:
-            for name in ("train", "sample", "evaluate", "compare", "bench", "forward", "interpolate", "progress"):
+            for name in ("train", "sample", "evaluate", "compare", "bench", "forward", "interpolate", "progress",
+                         "export"):
                 assert name in text

@@ -1,4 +1,6 @@
 """The teaching pictures: each command writes a valid image of the stated size."""
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -67,11 +69,29 @@ def test_progress_picture_from_a_runs_grids(tiny_run, tmp_path):
     assert img.size[1] == 2 + 2 * 58                                # the run had epochs 1 and 2
 
 
-def test_sample_loads_the_fp16_weights_file(tiny_run, tmp_path):
-    """The format of samples/ema_fp16.pt: only the EMA weights in fp16 and the config."""
+def test_export_writes_the_ema_in_fp16_and_sampling_reads_it(tiny_run, tmp_path):
+    """samples/ema_fp16.pt's format: the EMA weights rounded to fp16 and the config, nothing
+    else; samples from it match those of the full checkpoint up to that rounding."""
     ck = torch.load(tiny_run / "ckpt.pt", weights_only=True)
-    torch.save({"ema": {k: v.half() for k, v in ck["ema"].items()}, "config": ck["config"]}, tmp_path / "e.pt")
-    out = tmp_path / "s.png"
-    dm.main(["sample", "--ckpt", str(tmp_path / "e.pt"), "--n", "4", "--steps", "5", "--out", str(out),
-             "--device", "cpu"])
-    Image.open(out).verify()
+    dm.main(["export", "--ckpt", str(tiny_run / "ckpt.pt"), "--out", str(tmp_path / "e.pt")])
+    e = torch.load(tmp_path / "e.pt", weights_only=True)
+    assert set(e) == {"ema", "config"} and e["config"] == ck["config"]
+    assert e["ema"].keys() == ck["ema"].keys()
+    for k, v in ck["ema"].items():
+        assert e["ema"][k].dtype == torch.float16 and torch.equal(e["ema"][k], v.half()), k
+    outs = {}
+    for name in ("ckpt.pt", "e.pt"):
+        outs[name] = tmp_path / f"{name}.npz"
+        dm.main(["sample", "--ckpt", str((tiny_run if name == "ckpt.pt" else tmp_path) / name), "--n", "8",
+                 "--steps", "5", "--format", "npz", "--out", str(outs[name]), "--device", "cpu"])
+    full, half = (np.load(outs[n])["images"].astype(float) for n in ("ckpt.pt", "e.pt"))
+    assert np.abs(full - half).mean() < 2.0          # in uint8 levels, of 255
+
+
+def test_the_committed_fp16_weights_load():
+    path = Path(__file__).parent.parent / "samples" / "ema_fp16.pt"
+    e = torch.load(path, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in e["ema"].values())
+    model, cfg = dm.model_from_checkpoint(dm.load_checkpoint(path))
+    assert dm.count_params(model) == sum(v.numel() for v in e["ema"].values())
+    assert cfg.channels == dm.PRESETS[cfg.preset].channels
