@@ -162,15 +162,28 @@ def timestep_embedding(t, dim):
     return torch.cat([angles.sin(), angles.cos()], dim=1)               # (B, dim)
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm, with one measured detour. PyTorch's CPU kernel is slow for bf16
+    channels_last input with under 16 channels per group (7.9 ms against 1.0 ms in NCHW
+    at 64 channels, 28 px, batch 32: README, Speed), so that case normalizes in fp32 and
+    casts back; the result is the same up to bf16 rounding, and parameters are unchanged."""
+
+    def forward(self, x):
+        if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.shape[1] // self.num_groups < 16
+                and x.is_contiguous(memory_format=torch.channels_last)):
+            return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+        return super().forward(x)
+
+
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, twice, with the time embedding added in between."""
 
     def __init__(self, c_in, c_out, t_dim):
         super().__init__()
-        self.norm1 = nn.GroupNorm(GROUPS, c_in)
+        self.norm1 = GroupNorm(GROUPS, c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.t_proj = nn.Linear(t_dim, c_out)
-        self.norm2 = nn.GroupNorm(GROUPS, c_out)
+        self.norm2 = GroupNorm(GROUPS, c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -245,7 +258,7 @@ class UNet(nn.Module):
             self.up.append(Upsample(channels[i + 1], c))
             self.dec.append(nn.ModuleList(
                 [ResBlock(2 * c if j == 0 else c, c, t_dim) for j in range(num_res_blocks)]))
-        self.out = nn.Sequential(nn.GroupNorm(GROUPS, c0), nn.SiLU(), nn.Conv2d(c0, 1, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm(GROUPS, c0), nn.SiLU(), nn.Conv2d(c0, 1, 3, padding=1))
 
     def forward(self, x, t):
         t_emb = self.time_mlp(timestep_embedding(t, self.c0))           # (B,) -> (B, 4*c0)
