@@ -650,11 +650,12 @@ def train(cfg, run_dir, device, resume=False, max_steps=None, max_minutes=None, 
     loss_sum = torch.tensor(state["epoch_loss_sum"], device=device)
     pbar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0)
     stop = out_of_time = False
+    batches = None                          # this epoch's (steps, B) image indices
     try:
         with sigint_flag() as interrupted:
             while step < total and not (stop or out_of_time):
                 epoch, i = divmod(step, steps_per_epoch)
-                if i == 0 or step == recent_from:            # a new epoch, or the first step after a resume
+                if i == 0 or batches is None:                # a new epoch, or the first step after a resume
                     batches = epoch_batches(len(data), cfg.batch_size, cfg.seed, epoch).to(device)
                 x0 = to_model_range(data[batches[i]])          # (B, 1, 28, 28) in [-1, 1]
                 loss = train_step(model, fwd, ema, opt, schedule, x0, gen, bf16, step, cfg)
