@@ -60,6 +60,7 @@ class Config:
     T: int = 1000                # number of diffusion steps
     beta_1: float = 1e-4         # beta at the paper's t = 1: almost no noise added
     beta_T: float = 0.02         # beta at the paper's t = T: x_T is close to N(0, I)
+    schedule: str = "linear"     # "cosine": Nichol & Dhariwal 2021 (an extension)
     # Step 3, U-Net
     channels: tuple = (64, 128, 256, 256)  # widths of the 28, 14, 7 and 3 px levels
     num_res_blocks: int = 2      # residual blocks per level
@@ -69,6 +70,9 @@ class Config:
     batch_size: int = 128
     epochs: int = 50             # 50 x 468 = 23,400 steps
     ema_decay: float = 0.9999    # EMA of the weights, what sampling uses
+    lr_schedule: str = "constant"  # "cosine": linear warm-up, then cosine decay to 0 at the last step
+    warmup_steps: int = 0        # steps of linear lr warm-up (with lr_schedule "cosine")
+    min_snr_gamma: float = 0.0   # 0: plain MSE (the case study); 5: min-SNR-gamma weighting
     seed: int = 0
     precision: str = "auto"      # auto: bf16 autocast where the device runs it fast, else fp32
     grid_n: int = 64             # EMA samples drawn into a grid after every epoch (0: none)
@@ -107,6 +111,18 @@ def extract(a, t, x):
     return a[t].view(-1, *([1] * (x.dim() - 1)))
 
 
+def make_betas(T, beta_1, beta_T, schedule="linear"):
+    """beta_1 .. beta_T in float64. "linear" is the DDPM paper's (Sec. 4)."""
+    if schedule == "linear":
+        return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
+    # Extension, the cosine schedule (Nichol & Dhariwal 2021, Eq. 17): alpha_bar follows
+    # cos^2, so it falls slowly at both ends and the noise level rises evenly in log-SNR.
+    s = 0.008
+    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]                                        # alpha_bar(0) .. alpha_bar(T)
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)  # clipped: no beta of 1 at t = T
+
+
 class NoiseSchedule(nn.Module):
     """Linear betas and every quantity derived from them, as float32 buffers.
 
@@ -115,11 +131,11 @@ class NoiseSchedule(nn.Module):
     each name can be grepped against the original DDPM code, whose names these are.
     """
 
-    def __init__(self, T=1000, beta_1=1e-4, beta_T=0.02):
+    def __init__(self, T=1000, beta_1=1e-4, beta_T=0.02, schedule="linear"):
         super().__init__()
         self.T = T
         f32 = lambda v: v.to(torch.float32)
-        betas = torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
+        betas = make_betas(T, beta_1, beta_T, schedule)
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, dim=0)                          # alpha_bar_t
         alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)   # alpha_bar_{t-1}
@@ -409,7 +425,7 @@ def make_optimizer(model, cfg, device):
                              fused=device.type in ("cuda", "cpu"))
 
 
-def diffusion_loss(model, schedule, x0, generator, bf16=False):
+def diffusion_loss(model, schedule, x0, generator, bf16=False, min_snr_gamma=0.0):
     """Alg. 1: t ~ Uniform, eps ~ N(0, I), loss = || eps - eps_theta(x_t, t) ||^2."""
     B = x0.shape[0]
     t = torch.randint(0, schedule.T, (B,), device=x0.device, generator=generator)  # paper's 1..T
@@ -417,12 +433,34 @@ def diffusion_loss(model, schedule, x0, generator, bf16=False):
     x_t = schedule.q_sample(x0, t, eps)
     with autocast(x0.device, bf16):
         eps_theta = model(x_t, t)
-    return F.mse_loss(eps_theta.float(), eps)
+    if not min_snr_gamma:
+        return F.mse_loss(eps_theta.float(), eps)
+    per_image = (eps_theta.float() - eps).pow(2).mean(dim=(1, 2, 3))   # (B,)
+    return (min_snr_weight(schedule, t, min_snr_gamma) * per_image).mean()
+
+
+def min_snr_weight(schedule, t, gamma):
+    """Extension, min-SNR-gamma (Hang et al. 2023): for eps-prediction the weight is
+    min(SNR_t, gamma) / SNR_t, SNR_t = alpha_bar_t / (1 - alpha_bar_t). It turns down the
+    many nearly-clean steps whose gradients fight the noisy ones."""
+    snr = schedule.alphas_cumprod[t] / (1 - schedule.alphas_cumprod[t])
+    return snr.clamp(max=gamma) / snr
+
+
+def lr_at(step, cfg, total):
+    """The learning rate at a 0-based step: constant (the case study), or a linear warm-up
+    over cfg.warmup_steps and a cosine decay to 0 at `total`, the run's last step."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def train_step(model, fwd, ema, opt, schedule, x0, generator, bf16, ema_n, cfg):
     """One optimizer step and one EMA update; returns the loss as a 0-d device tensor."""
-    loss = diffusion_loss(fwd, schedule, x0, generator, bf16)
+    loss = diffusion_loss(fwd, schedule, x0, generator, bf16, cfg.min_snr_gamma)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -573,9 +611,13 @@ def write_loss_csv(history, path):
     save_text(out.getvalue(), path)
 
 
+def make_schedule(cfg):
+    return NoiseSchedule(cfg.T, cfg.beta_1, cfg.beta_T, cfg.schedule)
+
+
 def build(cfg, device):
     """The schedule, the network, its float32 EMA copy and the optimizer, on `device`."""
-    schedule = NoiseSchedule(cfg.T, cfg.beta_1, cfg.beta_T).to(device)
+    schedule = make_schedule(cfg).to(device)
     model = UNet(cfg.channels, cfg.num_res_blocks).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     return schedule, model, ema, make_optimizer(model, cfg, device)
@@ -658,6 +700,8 @@ def train(cfg, run_dir, device, resume=False, max_steps=None, max_minutes=None, 
                 if i == 0 or batches is None:                # a new epoch, or the first step after a resume
                     batches = epoch_batches(len(data), cfg.batch_size, cfg.seed, epoch).to(device)
                 x0 = to_model_range(data[batches[i]])          # (B, 1, 28, 28) in [-1, 1]
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, cfg, total)
                 loss = train_step(model, fwd, ema, opt, schedule, x0, gen, bf16, step, cfg)
                 loss_sum += loss
                 recent.append(loss)
@@ -1115,7 +1159,7 @@ def bench(cfg, device, batch_size, reps=5, compile=False):
     set_fast_math(device)
     bf16 = use_bf16(device, cfg.precision)
     torch.manual_seed(0)
-    schedule = NoiseSchedule(cfg.T, cfg.beta_1, cfg.beta_T).to(device)
+    schedule = make_schedule(cfg).to(device)
     model = UNet(cfg.channels, cfg.num_res_blocks).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = make_optimizer(model, cfg, device)
@@ -1254,7 +1298,8 @@ def check_run_dir(path):
 
 
 DEFAULTS = Config()
-TRAIN_FLAGS = ("epochs", "batch_size", "lr", "channels", "ema_decay", "seed", "precision", "grid_n")
+TRAIN_FLAGS = ("epochs", "batch_size", "lr", "channels", "ema_decay", "seed", "precision", "grid_n",
+               "schedule", "lr_schedule", "warmup_steps", "min_snr_gamma")
 
 
 def add_common(p, ckpt=True, precision=True):
@@ -1302,6 +1347,10 @@ def add_train_parser(sub):
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"),
                    help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32 (default: auto)")
     p.add_argument("--grid-n", type=int_in(0), help="EMA samples in each epoch's grid, 0 for none (default: 64)")
+    p.add_argument("--schedule", choices=("linear", "cosine"), help="noise schedule (default: linear)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), help="learning-rate schedule (default: constant)")
+    p.add_argument("--warmup-steps", type=int_in(0), help="linear lr warm-up steps (default: 0)")
+    p.add_argument("--min-snr-gamma", type=float_over(0, strict=False), help="min-SNR loss weight, 0 for off (default: 0)")
     p.add_argument("--data-dir", default="data", help="where MNIST/raw is or will be downloaded (default: data)")
     p.add_argument("--run-dir", default="runs/ddpm", help="where the run's files go (default: runs/ddpm)")
     p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
@@ -1471,7 +1520,7 @@ def load_for_sampling(args):
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.ckpt)
     model, cfg = model_from_checkpoint(ckpt, getattr(args, "weights", "ema"))
-    schedule = NoiseSchedule(cfg.T, cfg.beta_1, cfg.beta_T).to(device)
+    schedule = make_schedule(cfg).to(device)
     return model.to(device), schedule, device, use_bf16(device, args.precision)
 
 
