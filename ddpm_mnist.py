@@ -9,24 +9,27 @@ the chain backwards from pure noise, removing the predicted noise one step at a 
     DDPM: Ho, Jain, Abbeel 2020, https://arxiv.org/abs/2006.11239  (Eq. / Alg. below)
     DDIM: Song, Meng, Ermon 2020, https://arxiv.org/abs/2010.02502 (DDIM Eq. below)
 
-The file reads top to bottom like the case study it implements: config, noise
-schedule, forward process, U-Net, EMA, data, training, samplers, evaluation and
-pictures, command line.
+The file has two parts. Part I, "the DDPM", follows the case study's steps in order:
+config, noise schedule and forward process (Steps 1-2), U-Net (Step 3), EMA, data and
+training (Step 4), samplers (Step 5). It is a complete DDPM; a reader can stop at its
+end. Part II, "the tool", starts at the banner "PART II": run files and exact resume,
+sampling to files, evaluation, pictures, bench and the command line.
 
     python ddpm_mnist.py train                      # the case-study recipe (GPU: minutes)
     python ddpm_mnist.py train --preset cpu         # a smaller recipe for a laptop CPU
     python ddpm_mnist.py train --resume             # continue a killed run exactly
     python ddpm_mnist.py sample --sampler ddim --steps 50
     python ddpm_mnist.py sample --sampler ddpm --gif --n 16 --out samples/denoise.gif
-    python ddpm_mnist.py evaluate --ckpt runs/ddpm/ckpt.pt   # FID, digit classes, copies
-    python ddpm_mnist.py compare --ckpt runs/ddpm/ckpt.pt    # DDPM-1000 vs DDIM-10..100
+    python ddpm_mnist.py evaluate                   # FID, digit classes, copies
+    python ddpm_mnist.py compare                    # DDPM-1000 vs DDIM-10..100
     python ddpm_mnist.py bench                      # throughput, FLOPs, sampling time
     python ddpm_mnist.py forward                    # one digit at growing noise levels
     python ddpm_mnist.py interpolate                # morph between two starting noises
     python ddpm_mnist.py progress --run-dir runs/ddpm  # the per-epoch grids in one picture
     python ddpm_mnist.py export                     # EMA weights in fp16 -> samples/ema_fp16.pt
 
-Every subcommand explains its flags with --help.
+Until `train` has written runs/ddpm/ckpt.pt, the sampling commands use the committed
+weights samples/ema_fp16.pt. Every subcommand explains its flags with --help.
 """
 import argparse
 import copy
@@ -39,28 +42,33 @@ import pickle
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-import numpy as np  # comes with torch/torchvision; for .npz files and PIL conversions
+import numpy as np  # for .npz files and PIL conversions
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+# =============================================================================
+# PART I: THE DDPM
+# =============================================================================
+
 # -----------------------------------------------------------------------------
-# Config: the case study's recipe, in one place. argparse reads its defaults here.
+# Config: the case study's recipe, in one place. argparse reads its defaults here,
+# and every checkpoint stores the resolved config, so sampling rebuilds the same model.
 
 
 @dataclass
 class Config:
+    dataset: str = "mnist"       # the images: their channels and size come from IMAGE_SHAPES
     # Step 1, noise schedule (DDPM Sec. 4: linear betas, T = 1000)
     T: int = 1000                # number of diffusion steps
     beta_1: float = 1e-4         # beta at the paper's t = 1: almost no noise added
     beta_T: float = 0.02         # beta at the paper's t = T: x_T is close to N(0, I)
-    schedule: str = "linear"     # "cosine": Nichol & Dhariwal 2021 (an extension)
+    schedule: str = "linear"     # "cosine": an extension (make_betas)
     # Step 3, U-Net
     channels: tuple = (64, 128, 256, 256)  # widths of the 28, 14, 7 and 3 px levels
     num_res_blocks: int = 2      # residual blocks per level
@@ -70,12 +78,13 @@ class Config:
     batch_size: int = 128
     epochs: int = 50             # 50 x 468 = 23,400 steps
     ema_decay: float = 0.9999    # EMA of the weights, what sampling uses
-    lr_schedule: str = "constant"  # "cosine": linear warm-up, then cosine decay to 0 at the last step
-    warmup_steps: int = 0        # steps of linear lr warm-up (with lr_schedule "cosine")
-    min_snr_gamma: float = 0.0   # 0: plain MSE (the case study); 5: min-SNR-gamma weighting
     seed: int = 0
     precision: str = "auto"      # auto: bf16 autocast where the device runs it fast, else fp32
     grid_n: int = 64             # EMA samples drawn into a grid after every epoch (0: none)
+    # Short-run levers (extensions, off in the case study; see lr_at and min_snr_weight)
+    lr_schedule: str = "constant"  # "cosine": linear warm-up, then cosine decay to 0
+    warmup_steps: int = 0        # steps of linear warm-up, with lr_schedule "cosine"
+    min_snr_gamma: float = 0.0   # 0: plain MSE, as the case study; 5: min-SNR-gamma weighting
     preset: str = "paper"
 
 
@@ -87,15 +96,26 @@ PRESETS = {
     # shorter EMA suit a run that short.
     "cpu": Config(channels=(32, 64, 128, 128), batch_size=64, epochs=5, lr=1e-3, ema_decay=0.999, preset="cpu"),
 }
-IMAGE_SIZE = 28
+IMAGE_SHAPES = {"mnist": (1, 28, 28)}   # (C, H, W) of each data set's images
 GROUPS = 8                       # GroupNorm groups, so every width must divide by 8
+DDIM_STEPS = 50                  # the case study's fast sampler: 50 of the T steps
+
+
+def image_shape(cfg):
+    """(C, H, W) of the images a config trains on: the one place the data's shape is set."""
+    return IMAGE_SHAPES[cfg.dataset]
 
 
 def config_from_dict(d):
-    """Rebuild a Config from a checkpoint's plain dict (unknown keys are ignored)."""
+    """Rebuild a Config from a checkpoint's plain dict. Unknown keys are ignored and
+    missing ones take the case study's defaults, so older checkpoints still load."""
     names = {f.name for f in fields(Config)}
     cfg = Config(**{k: v for k, v in d.items() if k in names})
     return replace(cfg, channels=tuple(int(c) for c in cfg.channels))
+
+
+class UserError(Exception):
+    """Bad input: main() prints the message as one line and exits with code 2."""
 
 
 # -----------------------------------------------------------------------------
@@ -116,15 +136,15 @@ def make_betas(T, beta_1, beta_T, schedule="linear"):
     if schedule == "linear":
         return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
     # Extension, the cosine schedule (Nichol & Dhariwal 2021, Eq. 17): alpha_bar follows
-    # cos^2, so it falls slowly at both ends and the noise level rises evenly in log-SNR.
+    # cos^2, so it falls slowly at both ends and far fewer steps are spent on near-pure noise.
     s = 0.008
     f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
-    alpha_bar = f / f[0]                                        # alpha_bar(0) .. alpha_bar(T)
+    alpha_bar = f / f[0]                                          # alpha_bar(0) .. alpha_bar(T)
     return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)  # clipped: no beta of 1 at t = T
 
 
 class NoiseSchedule(nn.Module):
-    """Linear betas and every quantity derived from them, as float32 buffers.
+    """The betas and every quantity derived from them, as float32 buffers.
 
     Computed once in float64 (1 - alpha_bar_t loses most of its digits in float32 near
     t = 0), then cast to float32 and registered by name, so `.to(device)` moves them and
@@ -160,6 +180,11 @@ class NoiseSchedule(nn.Module):
         """Step 2, Eq. 4: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, any t at once."""
         return extract(self.sqrt_alphas_cumprod, t, x0) * x0 + \
             extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+
+def make_schedule(cfg):
+    """The one place a config becomes a schedule: training and every command use it."""
+    return NoiseSchedule(cfg.T, cfg.beta_1, cfg.beta_T, cfg.schedule)
 
 
 # -----------------------------------------------------------------------------
@@ -235,12 +260,12 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t): (B, 1, 28, 28) images and (B,) integer timesteps -> (B, 1, 28, 28).
+    """eps_theta(x_t, t): (B, C, H, W) images and (B,) integer timesteps -> (B, C, H, W).
 
-    Encoder: at each of the 4 levels (28, 14, 7, 3 px) `num_res_blocks` ResBlocks, then a
-    downsample. The 3 px level is the bottom of the U and plays the role of the middle
-    block. Decoder: at 7, 14, 28 px, upsample, concatenate the encoder's output at that
-    size, then `num_res_blocks` ResBlocks.
+    Encoder: at each of the 4 levels (28, 14, 7, 3 px for MNIST) `num_res_blocks`
+    ResBlocks, then a downsample. The 3 px level is the bottom of the U and plays the role
+    of the middle block. Decoder: at 7, 14, 28 px, upsample, concatenate the encoder's
+    output at that size, then `num_res_blocks` ResBlocks.
 
     Decoder layout, chosen for the case study's "about 10M parameters": one skip per
     level, concatenated into the first decoder block. The original DDPM U-Net keeps a
@@ -250,14 +275,14 @@ class UNet(nn.Module):
     convolutions already see the whole image.
     """
 
-    def __init__(self, channels=(64, 128, 256, 256), num_res_blocks=2):
+    def __init__(self, channels=(64, 128, 256, 256), num_res_blocks=2, in_channels=1, size=28):
         super().__init__()
         c0, t_dim = channels[0], 4 * channels[0]
         self.c0 = c0
         # 2-layer MLP on the sinusoidal embedding; its SiLU'd output feeds every block
         self.time_mlp = nn.Sequential(nn.Linear(c0, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim), nn.SiLU())
-        self.stem = nn.Conv2d(1, c0, 3, padding=1)
-        self.sizes = [IMAGE_SIZE]
+        self.stem = nn.Conv2d(in_channels, c0, 3, padding=1)
+        self.sizes = [size]
         self.enc, self.down = nn.ModuleList(), nn.ModuleList()
         c_prev = c0
         for i, c in enumerate(channels):
@@ -274,7 +299,7 @@ class UNet(nn.Module):
             self.up.append(Upsample(channels[i + 1], c))
             self.dec.append(nn.ModuleList(
                 [ResBlock(2 * c if j == 0 else c, c, t_dim) for j in range(num_res_blocks)]))
-        self.out = nn.Sequential(GroupNorm(GROUPS, c0), nn.SiLU(), nn.Conv2d(c0, 1, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm(GROUPS, c0), nn.SiLU(), nn.Conv2d(c0, in_channels, 3, padding=1))
 
     def forward(self, x, t):
         t_emb = self.time_mlp(timestep_embedding(t, self.c0))           # (B,) -> (B, 4*c0)
@@ -293,6 +318,12 @@ class UNet(nn.Module):
             for block in blocks:
                 h = block(h, t_emb)
         return self.out(h)
+
+
+def make_unet(cfg):
+    """The network a config describes, its input shaped like the config's images."""
+    C, H, _ = image_shape(cfg)
+    return UNet(cfg.channels, cfg.num_res_blocks, in_channels=C, size=H)
 
 
 def count_params(model):
@@ -320,14 +351,10 @@ def ema_update(ema_params, params, decay):
 
 
 # -----------------------------------------------------------------------------
-# Data: MNIST as one uint8 tensor on the device.
+# Step 4b: data. MNIST as one uint8 tensor on the device.
 #
 # The whole training set is 47 MB as uint8, so it lives on the device and a batch is an
 # index into it: no DataLoader workers, no per-image Python on the hot path.
-
-
-class UserError(Exception):
-    """Bad input: main() prints the message as one line and exits with code 2."""
 
 
 def mnist_raw_folder(data_dir):
@@ -351,6 +378,11 @@ def load_mnist(data_dir, train=True):
                         f"({type(e).__name__}); put the four IDX files (train-images-idx3-ubyte, ...) "
                         f"in {raw}") from None
     return ds.data, ds.targets
+
+
+def load_data(cfg, data_dir, train=True):
+    """The config's data set as uint8 images (N, H, W) and labels: the one place to add one."""
+    return load_mnist(data_dir, train)
 
 
 def epoch_batches(n, batch_size, seed, epoch):
@@ -377,22 +409,40 @@ def to_uint8(x):
 
 
 # -----------------------------------------------------------------------------
-# Step 4b: training.
+# Step 4c: training, Alg. 1.
 
 
-def resolve_device(name):
-    """'auto' picks cuda, then mps, then cpu; everything else follows this device."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps: MPS is not available on this machine; use --device cpu or auto")
-    return torch.device(name)
+def diffusion_loss(eps_model, schedule, x0, generator, min_snr_gamma=0.0):
+    """Alg. 1: t ~ Uniform, eps ~ N(0, I), loss = || eps - eps_theta(x_t, t) ||^2."""
+    B = x0.shape[0]
+    t = torch.randint(0, schedule.T, (B,), device=x0.device, generator=generator)  # paper's 1..T
+    eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+    x_t = schedule.q_sample(x0, t, eps)
+    eps_theta = eps_model(x_t, t)
+    if not min_snr_gamma:
+        return F.mse_loss(eps_theta, eps)
+    per_image = (eps_theta - eps).pow(2).mean(dim=(1, 2, 3))           # (B,)
+    return (min_snr_weight(schedule, t, min_snr_gamma) * per_image).mean()
+
+
+def min_snr_weight(schedule, t, gamma):
+    """Extension, min-SNR-gamma weighting (Hang et al. 2023): for eps-prediction the loss
+    at t is scaled by min(SNR_t, gamma) / SNR_t, SNR_t = alpha_bar_t / (1 - alpha_bar_t).
+    It turns down the many nearly clean timesteps, whose gradients fight the noisy ones."""
+    snr = schedule.alphas_cumprod[t] / (1 - schedule.alphas_cumprod[t])
+    return snr.clamp(max=gamma) / snr
+
+
+def lr_at(step, cfg, total):
+    """The learning rate at a 0-based step: constant, as the case study; or, a short-run
+    lever, a linear warm-up over cfg.warmup_steps and a cosine decay to 0 at `total`.
+    A function of the step alone, so a resumed run needs no scheduler state."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def use_bf16(device, precision):
@@ -402,20 +452,25 @@ def use_bf16(device, precision):
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        # a private oneDNN query: a CPU build without it (or one that fails) runs fp32
+        query = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+        try:
+            return bool(query()) if query is not None else False
+        except Exception:
+            return False
     return False
 
 
-def autocast(device, bf16):
-    # Weights, optimizer state and EMA stay float32; only matmuls and convs run in bf16.
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+def with_autocast(model, device, bf16):
+    """model(x, t) with its matmuls and convs in bf16 when bf16 is on, and a float32
+    result. Weights, optimizer state and EMA stay float32."""
+    if not bf16:
+        return model
 
-
-def set_fast_math(device):
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True          # shapes never change: pick the fastest conv
+    def eps_model(*args):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return model(*args).float()
+    return eps_model
 
 
 def make_optimizer(model, cfg, device):
@@ -425,50 +480,174 @@ def make_optimizer(model, cfg, device):
                              fused=device.type in ("cuda", "cpu"))
 
 
-def diffusion_loss(model, schedule, x0, generator, bf16=False, min_snr_gamma=0.0):
-    """Alg. 1: t ~ Uniform, eps ~ N(0, I), loss = || eps - eps_theta(x_t, t) ||^2."""
-    B = x0.shape[0]
-    t = torch.randint(0, schedule.T, (B,), device=x0.device, generator=generator)  # paper's 1..T
-    eps = torch.randn(x0.shape, device=x0.device, generator=generator)
-    x_t = schedule.q_sample(x0, t, eps)
-    with autocast(x0.device, bf16):
-        eps_theta = model(x_t, t)
-    if not min_snr_gamma:
-        return F.mse_loss(eps_theta.float(), eps)
-    per_image = (eps_theta.float() - eps).pow(2).mean(dim=(1, 2, 3))   # (B,)
-    return (min_snr_weight(schedule, t, min_snr_gamma) * per_image).mean()
+@dataclass
+class Parts:
+    """What training works on, built once by build()."""
+    schedule: NoiseSchedule      # the buffers of Steps 1-2
+    model: nn.Module             # theta, trained by AdamW
+    ema: nn.Module               # the average of theta that sampling uses
+    opt: torch.optim.Optimizer
+    eps_model: object            # model, maybe compiled, under autocast: what the loss calls
 
 
-def min_snr_weight(schedule, t, gamma):
-    """Extension, min-SNR-gamma (Hang et al. 2023): for eps-prediction the weight is
-    min(SNR_t, gamma) / SNR_t, SNR_t = alpha_bar_t / (1 - alpha_bar_t). It turns down the
-    many nearly-clean steps whose gradients fight the noisy ones."""
-    snr = schedule.alphas_cumprod[t] / (1 - schedule.alphas_cumprod[t])
-    return snr.clamp(max=gamma) / snr
+def build(cfg, device, compile=False):
+    """The schedule, the network, its float32 EMA copy and the optimizer, on `device`."""
+    model = make_unet(cfg).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    fwd = torch.compile(model) if compile else model        # checkpoints keep the plain names
+    return Parts(make_schedule(cfg).to(device), model, ema, make_optimizer(model, cfg, device),
+                 with_autocast(fwd, device, use_bf16(device, cfg.precision)))
 
 
-def lr_at(step, cfg, total):
-    """The learning rate at a 0-based step: constant (the case study), or a linear warm-up
-    over cfg.warmup_steps and a cosine decay to 0 at `total`, the run's last step."""
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def train_step(model, fwd, ema, opt, schedule, x0, generator, bf16, ema_n, cfg):
+def train_step(p, x0, generator, step, cfg):
     """One optimizer step and one EMA update; returns the loss as a 0-d device tensor."""
-    loss = diffusion_loss(fwd, schedule, x0, generator, bf16, cfg.min_snr_gamma)
-    opt.zero_grad(set_to_none=True)
+    loss = diffusion_loss(p.eps_model, p.schedule, x0, generator, cfg.min_snr_gamma)
+    p.opt.zero_grad(set_to_none=True)
     loss.backward()
-    opt.step()
-    ema_update(list(ema.parameters()), list(model.parameters()), ema_decay_at(ema_n, cfg.ema_decay))
+    p.opt.step()
+    ema_update(list(p.ema.parameters()), list(p.model.parameters()), ema_decay_at(step, cfg.ema_decay))
     return loss.detach()
 
 
-# --- files that survive a kill at any instant --------------------------------
+def train(cfg, run):
+    """Alg. 1 as one flat loop. The algorithm is all here; `run` (Part II) keeps the
+    files, the clock and Ctrl-C, and checkpoints so that a killed run resumes exactly."""
+    images, _ = load_data(cfg, run.data_dir)
+    data = images.to(run.device)                            # (N, 28, 28) uint8, on the device
+    steps_per_epoch = len(data) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch-size {cfg.batch_size}: larger than the {len(data)} training images")
+    p = build(cfg, run.device, run.compile)
+    gen = torch.Generator(run.device).manual_seed(cfg.seed)  # draws every t and eps
+    start = run.begin(cfg, p, gen, steps_per_epoch)         # 0, or the step a checkpoint saved
+    total = run.total_steps
+    for step in range(start, total + 1):
+        last_step = step == total or (step > start and run.should_stop())
+        if step > start:
+            run.after_step(step, last_step, p, gen)         # loss check, loss.csv, grid, checkpoint
+        if last_step:
+            break
+        epoch, i = divmod(step, steps_per_epoch)
+        if i == 0 or step == start:                         # a new epoch, or the first step after a resume
+            batches = epoch_batches(len(data), cfg.batch_size, cfg.seed, epoch).to(run.device)
+        x0 = to_model_range(data[batches[i]])               # (B, 1, 28, 28) in [-1, 1]
+        for group in p.opt.param_groups:
+            group["lr"] = lr_at(step, cfg, total)
+        run.record(train_step(p, x0, gen, step, cfg))
+    run.finish(step)
+    return p
+
+
+# -----------------------------------------------------------------------------
+# Step 5: samplers. Both take any eps_model(x, t) and the starting noise x_T, and return
+# images in [-1, 1]. A step function returns the mean and standard deviation of
+# x_{t-1} given x_t, so tests can check the formulas without sampling.
+
+
+def predict_x0(schedule, x_t, t, eps_theta, clip=True):
+    """Invert Eq. 4 for x_0. Clipping to [-1, 1] (the data range) keeps early, wild
+    predictions from pushing samples off the image manifold; eps is then re-derived so
+    the pair (x_0, eps) still adds up to x_t exactly."""
+    x0 = extract(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t - \
+        extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t) * eps_theta
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+        eps_theta = (x_t - extract(schedule.sqrt_alphas_cumprod, t, x_t) * x0) / \
+            extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
+    return x0, eps_theta
+
+
+def ddpm_step(schedule, x_t, t, eps_theta, clip=True):
+    """Eq. 7 with the predicted x_0: mean of q(x_{t-1} | x_t, x_0) and sigma_t = sqrt(beta_tilde_t).
+    Unclipped, this mean is exactly Alg. 2 line 4, (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t)."""
+    x0, _ = predict_x0(schedule, x_t, t, eps_theta, clip)
+    mean = extract(schedule.posterior_mean_coef1, t, x_t) * x0 + \
+        extract(schedule.posterior_mean_coef2, t, x_t) * x_t
+    return mean, extract(schedule.posterior_variance, t, x_t).sqrt(), x0
+
+
+def ddim_step(schedule, x_t, t, t_prev, eps_theta, eta=0.0, clip=True):
+    """DDIM Eq. 12 from index t to index t_prev (-1 means the clean image, alpha_bar = 1)."""
+    x0, eps_theta = predict_x0(schedule, x_t, t, eps_theta, clip)
+    alpha_bar_t = extract(schedule.alphas_cumprod, t, x_t)
+    alpha_bar_prev = schedule.alphas_cumprod[t_prev.clamp(min=0)]
+    alpha_bar_prev = torch.where(t_prev >= 0, alpha_bar_prev, torch.ones_like(alpha_bar_prev))
+    alpha_bar_prev = alpha_bar_prev.view(-1, 1, 1, 1)                         # (B,) -> (B, 1, 1, 1)
+    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)).sqrt()  # Eq. 16
+    mean = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * eps_theta
+    return mean, sigma, x0
+
+
+def ddim_timesteps(T, steps):
+    """`steps` indices spaced T/steps apart, starting at T-1: the first step must start from
+    the pure-noise level x_T ~ N(0, I), which is what sampling feeds in. steps = T gives
+    every index T-1 .. 0, where eta = 1 is exactly DDPM."""
+    return [round(T - 1 - i * T / steps) for i in range(steps)]
+
+
+def t_batch(x, t):
+    """The timestep index t for every image of the batch x, (B,)."""
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+
+
+@torch.no_grad()
+def ddpm_sample(eps_model, schedule, x_T, clip_x0=True, generator=None, on_step=None):
+    """Alg. 2: T ancestral steps from x_T ~ N(0, I) with the posterior variance."""
+    x = x_T
+    for i, t in enumerate(range(schedule.T - 1, -1, -1)):
+        t_b = t_batch(x, t)
+        mean, std, x0 = ddpm_step(schedule, x, t_b, eps_model(x, t_b).float(), clip_x0)
+        z = torch.randn(x.shape, device=x.device, generator=generator) if t > 0 else 0.0  # Alg. 2, line 3
+        x = mean + std * z
+        if on_step:
+            on_step(i, x, x0)
+    return x
+
+
+@torch.no_grad()
+def ddim_sample(eps_model, schedule, x_T, steps=DDIM_STEPS, eta=0.0, clip_x0=True, generator=None, on_step=None):
+    """DDIM: `steps` jumps along a subsequence of the T timesteps; eta = 0 is deterministic."""
+    ts = ddim_timesteps(schedule.T, steps)
+    x = x_T
+    for i, t in enumerate(ts):
+        t_b, t_prev = t_batch(x, t), t_batch(x, ts[i + 1] if i + 1 < len(ts) else -1)
+        mean, sigma, x0 = ddim_step(schedule, x, t_b, t_prev, eps_model(x, t_b).float(), eta, clip_x0)
+        x = mean
+        if eta > 0:
+            x = x + sigma * torch.randn(x.shape, device=x.device, generator=generator)
+        if on_step:
+            on_step(i, x, x0)
+    return x
+
+
+@dataclass
+class Sampler:
+    """Which sampler, and how: what `sample`, `evaluate` and the pictures pass around."""
+    name: str = "ddim"           # "ddpm": Alg. 2, all T steps; "ddim": `steps` jumps
+    steps: int = DDIM_STEPS
+    eta: float = 0.0
+    clip_x0: bool = True
+
+    def timesteps(self, T):
+        """The indices t visited, in order."""
+        return list(range(T - 1, -1, -1)) if self.name == "ddpm" else ddim_timesteps(T, self.steps)
+
+    def __call__(self, eps_model, schedule, x_T, generator=None, on_step=None):
+        if self.name == "ddpm":
+            return ddpm_sample(eps_model, schedule, x_T, self.clip_x0, generator, on_step)
+        return ddim_sample(eps_model, schedule, x_T, self.steps, self.eta, self.clip_x0, generator, on_step)
+
+
+# =============================================================================
+# PART II: THE TOOL
+#
+# Everything above is the DDPM. Everything below makes it a tool: files that survive
+# a kill, checkpoints and exact resume, sampling to files, evaluation, pictures, bench
+# and the command line. None of it changes what the model computes.
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# Files that survive a kill at any instant, and progress bars fit for log files.
 
 
 def atomic_write(path, write):
@@ -488,11 +667,22 @@ def atomic_write(path, write):
     finally:
         if tmp.exists():
             tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder):
+    """Make a rename durable by syncing its folder. Windows cannot open a folder as a file
+    (PermissionError); there NTFS's own journal is all there is, so skip it."""
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:        # some file systems refuse fsync on folders; the data is synced
+        pass
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 def save_png(image, path):
@@ -503,14 +693,24 @@ def save_text(text, path):
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def progress_bar(**kw):
+    """tqdm, redrawn twice a second on a terminal but once a minute when stderr is a log
+    file or CI: there every redraw is a new line, and a DDPM-1000 run wrote hundreds."""
+    interval = 0.5 if sys.stderr.isatty() else 60.0
+    return tqdm(mininterval=interval, maxinterval=max(10.0, interval), dynamic_ncols=True, **kw)
+
+
+GRID_PAD = 2                     # white lines between the cells of a grid, in pixels
+
+
 def to_image(a):
     """uint8 (H, W) tensor -> PIL grayscale image."""
     return Image.fromarray(a.cpu().numpy())
 
 
-def grid_image(images_uint8, nrow=8, pad=2):
-    """uint8 (N, 28, 28) -> one grayscale grid, nrow digits a row, white 2 px lines
-    between them (torchvision's make_grid layout)."""
+def grid_image(images_uint8, nrow=8, pad=GRID_PAD):
+    """uint8 (N, H, W) -> one grayscale grid, nrow images a row, white lines between
+    them (torchvision's make_grid layout)."""
     n, h, w = images_uint8.shape
     rows, cols = math.ceil(n / nrow), min(nrow, n)
     canvas = torch.full((pad + rows * (h + pad), pad + cols * (w + pad)), 255, dtype=torch.uint8)
@@ -520,13 +720,17 @@ def grid_image(images_uint8, nrow=8, pad=2):
     return to_image(canvas)
 
 
-# --- checkpoints --------------------------------------------------------------
+# -----------------------------------------------------------------------------
+# Checkpoints: written atomically, read without ever running code.
+
+DEFAULT_CKPT = Path("runs/ddpm/ckpt.pt")
+# The committed weights, found beside this file wherever the command is run from.
+SHIPPED_CKPT = Path(__file__).resolve().parent / "samples" / "ema_fp16.pt"
 
 
-def save_checkpoint(path, cfg, model, ema, opt, step, state):
-    ckpt = dict(config=asdict(cfg), model=model.state_dict(), ema=ema.state_dict(),
-                opt=opt.state_dict(), step=step, **state,
-                versions=dict(torch=str(torch.__version__)))
+def save_checkpoint(path, cfg, p, step, state):
+    ckpt = dict(config=asdict(cfg), model=p.model.state_dict(), ema=p.ema.state_dict(),
+                opt=p.opt.state_dict(), step=step, **state, versions=dict(torch=str(torch.__version__)))
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
@@ -550,6 +754,20 @@ def load_checkpoint(path, flag="--ckpt"):
     return ckpt
 
 
+def checkpoint_to_sample(ckpt_flag):
+    """The checkpoint a sampling command reads: --ckpt if given; else runs/ddpm/ckpt.pt; else,
+    on a fresh clone with nothing trained yet, the committed weights, said in one line."""
+    if ckpt_flag is not None:
+        return Path(ckpt_flag)
+    if DEFAULT_CKPT.exists() or not SHIPPED_CKPT.exists():
+        return DEFAULT_CKPT
+    cfg = config_from_dict(load_checkpoint(SHIPPED_CKPT)["config"])
+    print(f"note: no {DEFAULT_CKPT} yet, so using the committed weights samples/ema_fp16.pt "
+          f"(preset {cfg.preset}, {cfg.epochs} epochs on {cfg.dataset.upper()}); "
+          f"`python ddpm_mnist.py train` makes your own", file=sys.stderr)
+    return SHIPPED_CKPT
+
+
 def model_from_checkpoint(ckpt, weights="ema", flag="--ckpt"):
     """Rebuild the network that the checkpoint's config describes and load its weights
     (float32, also from the fp16 file in samples/)."""
@@ -559,7 +777,7 @@ def model_from_checkpoint(ckpt, weights="ema", flag="--ckpt"):
     if not isinstance(state, dict):
         raise UserError(f"{flag}: this checkpoint has no '{weights}' weights (it has: "
                         f"{', '.join(k for k in ('ema', 'model') if k in ckpt)})")
-    model = UNet(cfg.channels, cfg.num_res_blocks)
+    model = make_unet(cfg)
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()})
     except (RuntimeError, AttributeError) as e:
@@ -575,7 +793,30 @@ def check_channels(channels, flag="--channels"):
                         f"level), each a positive multiple of {GROUPS} (the GroupNorm groups)")
 
 
-# --- the training loop --------------------------------------------------------
+TRAINING_STATE = ("model", "ema", "opt", "step", "rng", "epoch_loss_sum", "history", "seconds")
+
+
+def check_resumable(ckpt, path):
+    """--resume needs the whole training state; an `export` file holds the EMA alone."""
+    missing = [k for k in TRAINING_STATE if k not in ckpt]
+    if missing:
+        raise UserError(f"--resume: {path} has no training state ({', '.join(missing)} missing); it looks like "
+                        "an `export` file, which can be sampled from but not trained further")
+
+
+def restore(ckpt, p, gen):
+    """Put a run back exactly where its checkpoint left it: weights, optimizer moments,
+    the generator that draws t and eps, and the running loss of the current epoch."""
+    p.model.load_state_dict(ckpt["model"])
+    p.ema.load_state_dict(ckpt["ema"])
+    p.opt.load_state_dict(ckpt["opt"])
+    gen.set_state(ckpt["rng"])
+    return ckpt["step"], {k: ckpt[k] for k in ("epoch_loss_sum", "history", "seconds")}
+
+
+# -----------------------------------------------------------------------------
+# The run: what train() hands its bookkeeping to. It owns the run folder, the clock,
+# the progress bar and Ctrl-C; the algorithm stays in train().
 
 
 class NonFiniteLoss(Exception):
@@ -593,15 +834,6 @@ def check_finite(recent, first_step):
         raise NonFiniteLoss(first_step + int(bad[0]) + 1)          # steps count from 1
 
 
-def epoch_grid(ema, schedule, cfg, device, bf16, path):
-    """EMA samples from the same starting noise every epoch, so the grids show progress."""
-    x_T = torch.randn(cfg.grid_n, 1, IMAGE_SIZE, IMAGE_SIZE,
-                      generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
-    with autocast(device, bf16):
-        x0 = ddim_sample(ema, schedule, x_T, steps=50)
-    save_png(grid_image(to_uint8(x0)), path)
-
-
 def write_loss_csv(history, path):
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
@@ -611,232 +843,188 @@ def write_loss_csv(history, path):
     save_text(out.getvalue(), path)
 
 
-def make_schedule(cfg):
-    return NoiseSchedule(cfg.T, cfg.beta_1, cfg.beta_T, cfg.schedule)
+def epoch_grid(p, cfg, path):
+    """EMA samples from the same starting noise every epoch, so the grids show progress."""
+    device = p.schedule.betas.device
+    x_T = torch.randn(cfg.grid_n, *image_shape(cfg), generator=torch.Generator().manual_seed(cfg.seed + 1))
+    eps_model = with_autocast(p.ema, device, use_bf16(device, cfg.precision))
+    x0 = ddim_sample(eps_model, p.schedule, x_T.to(device), steps=DDIM_STEPS)
+    save_png(grid_image(to_uint8(x0)), path)
 
 
-def build(cfg, device):
-    """The schedule, the network, its float32 EMA copy and the optimizer, on `device`."""
-    schedule = make_schedule(cfg).to(device)
-    model = UNet(cfg.channels, cfg.num_res_blocks).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    return schedule, model, ema, make_optimizer(model, cfg, device)
+LOSS_CHECK_EVERY = 50            # steps between NaN checks and progress-bar updates
 
 
-def restore(ckpt, model, ema, opt, gen):
-    """Put a run back exactly where its checkpoint left it: weights, optimizer moments,
-    the generator that draws t and eps, and the running loss of the current epoch."""
-    model.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
-    opt.load_state_dict(ckpt["opt"])
-    gen.set_state(ckpt["rng"])
-    return ckpt["step"], {k: ckpt[k] for k in ("epoch_loss_sum", "history", "seconds")}
+@dataclass
+class Run:
+    """One training run's files and clock. train() calls begin, record, should_stop,
+    after_step and finish; nothing here changes what is trained."""
+    run_dir: Path
+    device: torch.device
+    data_dir: str = "data"
+    ckpt: dict = None            # the checkpoint to resume from, loaded once by train_config
+    max_steps: int = None
+    max_minutes: float = None
+    ckpt_every: int = 0
+    compile: bool = False
 
+    def begin(self, cfg, p, gen, steps_per_epoch):
+        """Restore a checkpoint when resuming, make the folder, start the clock, the bar and
+        the Ctrl-C flag. Returns the step to start from."""
+        self.cfg, self.steps_per_epoch = cfg, steps_per_epoch
+        self.run_dir, self.ckpt_path = Path(self.run_dir), Path(self.run_dir) / "ckpt.pt"
+        self.total_steps = min(self.max_steps or math.inf, cfg.epochs * steps_per_epoch)
+        step, self.state = restore(self.ckpt, p, gen) if self.ckpt else (0, dict(epoch_loss_sum=0.0, history=[],
+                                                                                 seconds=0.0))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_text(json.dumps(asdict(cfg), indent=2) + "\n", self.run_dir / "config.json")
+        print(f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}; device {self.device}, "
+              f"{'bf16 autocast' if use_bf16(self.device, cfg.precision) else 'fp32'}; {steps_per_epoch} "
+              f"steps/epoch, {cfg.epochs} epochs" + (f"; resuming at step {step}" if step else ""))
+        if self.device.type == "cpu" and cfg.preset == "paper":
+            print("note: the case-study recipe takes many hours on a CPU; `--preset cpu` makes digits in "
+                  "under 30 minutes on 2 cores (README, CPU preset)", file=sys.stderr)
+        self.last_good = step if self.ckpt else None
+        self.t_start, self.seconds0 = time.time(), self.state["seconds"]
+        self.recent, self.recent_from = [], step     # losses not yet checked: a check syncs with the GPU
+        self.loss_sum = torch.tensor(self.state["epoch_loss_sum"], device=self.device)
+        self.bar = progress_bar(total=self.total_steps, initial=step, unit="step")
+        # Ctrl-C sets a flag instead of killing mid-step, so the loop can save and leave;
+        # a second Ctrl-C kills as usual.
+        self.interrupted = False
+        self.old_sigint = signal.signal(signal.SIGINT, self.on_sigint)
+        return step
 
-@contextmanager
-def sigint_flag():
-    """Ctrl-C sets a flag instead of killing the process mid-step, so the loop can finish
-    the step, save and leave. A second Ctrl-C kills as usual."""
-    flag = {"set": False}
-
-    def handler(signum, frame):
-        flag["set"] = True
+    def on_sigint(self, signum, frame):
+        self.interrupted = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    old = signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, old)
+    def record(self, loss):
+        self.loss_sum += loss
+        self.recent.append(loss)
+
+    def should_stop(self):
+        """Ctrl-C, or --max-minutes used up: either way the step just taken is saved."""
+        out_of_time = self.max_minutes is not None and time.time() - self.t_start > 60 * self.max_minutes
+        return self.interrupted or out_of_time
+
+    def after_step(self, step, last_step, p, gen):
+        """`step` steps are done: check the losses, write the epoch's files, checkpoint."""
+        end_of_epoch = step % self.steps_per_epoch == 0
+        save_now = end_of_epoch or last_step or (self.ckpt_every and step % self.ckpt_every == 0)
+        if len(self.recent) == LOSS_CHECK_EVERY or save_now:
+            self.check_losses(step)
+        self.state["seconds"] = self.seconds0 + time.time() - self.t_start
+        if end_of_epoch:
+            self.end_epoch(step // self.steps_per_epoch, step, p)
+        if save_now:  # written last, so a kill before it replays this epoch end exactly
+            self.state["epoch_loss_sum"] = self.loss_sum.item()
+            save_checkpoint(self.ckpt_path, self.cfg, p, step, dict(self.state, rng=gen.get_state()))
+            self.last_good = step
+
+    def check_losses(self, step):
+        try:
+            check_finite(self.recent, self.recent_from)
+        except NonFiniteLoss as e:
+            self.bar.close()
+            signal.signal(signal.SIGINT, self.old_sigint)
+            kept = f"the last good checkpoint is {self.ckpt_path} (step {self.last_good})" \
+                if self.last_good is not None else "no checkpoint was written"
+            print(f"error: the loss became NaN or infinite at step {e.args[0]}; {kept}. "
+                  f"Try a smaller --lr, or --precision fp32.", file=sys.stderr)
+            sys.exit(1)
+        self.bar.set_postfix(loss=f"{torch.stack(self.recent).mean().item():.4f}",
+                             img_s=f"{(self.bar.format_dict['rate'] or 0) * self.cfg.batch_size:.0f}")
+        self.bar.update(len(self.recent))
+        self.recent, self.recent_from = [], step
+
+    def end_epoch(self, epoch, step, p):
+        """The per-epoch outputs: a loss.csv row and a grid of EMA samples."""
+        self.state["history"].append(dict(epoch=epoch, step=step, seconds=self.state["seconds"],
+                                          mean_loss=self.loss_sum.item() / self.steps_per_epoch))
+        self.loss_sum.zero_()
+        write_loss_csv(self.state["history"], self.run_dir / "loss.csv")
+        if self.cfg.grid_n:
+            epoch_grid(p, self.cfg, self.run_dir / f"grid_epoch{epoch:03d}.png")
+
+    def finish(self, step):
+        self.bar.close()
+        signal.signal(signal.SIGINT, self.old_sigint)
+        if self.interrupted:
+            print(f"interrupted: saved {self.ckpt_path} at step {step}; continue with\n"
+                  f"  python ddpm_mnist.py train --run-dir {self.run_dir} --resume", file=sys.stderr)
+            sys.exit(130)
+        print(f"saved {self.ckpt_path} at step {step} ({self.state['seconds']:.0f} s of training)")
 
 
-def end_epoch(epoch, step, loss_sum, steps_per_epoch, state, cfg, ema, schedule, device, bf16, run_dir):
-    """The per-epoch outputs: a loss.csv row and a grid of EMA samples."""
-    state["history"].append(dict(epoch=epoch, step=step, seconds=state["seconds"],
-                                 mean_loss=loss_sum.item() / steps_per_epoch))
-    write_loss_csv(state["history"], run_dir / "loss.csv")
-    if cfg.grid_n:
-        epoch_grid(ema, schedule, cfg, device, bf16, run_dir / f"grid_epoch{epoch:03d}.png")
+def set_fast_math(device):
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+        # Shapes never change, so let cuDNN time its kernels once and keep the fastest. The
+        # price: the chosen kernel may be non-deterministic, so on CUDA a resumed run matches
+        # an uninterrupted one up to float rounding, not bitwise (bitwise on the CPU).
+        torch.backends.cudnn.benchmark = True
 
 
-def train(cfg, run_dir, device, resume=False, max_steps=None, max_minutes=None, ckpt_every=0,
-          compile=False, data_dir="data"):
-    """Alg. 1 as one flat loop, with a checkpoint, a loss.csv row and a sample grid per epoch."""
-    run_dir, ckpt_path = Path(run_dir), Path(run_dir) / "ckpt.pt"
-    images, _ = load_mnist(data_dir, train=True)            # fails fast, before any model work
-    ckpt = load_checkpoint(ckpt_path) if resume else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    set_fast_math(device)
-    bf16 = use_bf16(device, cfg.precision)
-    data = images.to(device)                                # (N, 28, 28) uint8, on the device
-    schedule, model, ema, opt = build(cfg, device)
-    gen = torch.Generator(device).manual_seed(cfg.seed)     # draws every t and eps
-    step, state = restore(ckpt, model, ema, opt, gen) if ckpt else (0, dict(epoch_loss_sum=0.0, history=[], seconds=0.0))
-    fwd = torch.compile(model) if compile else model        # checkpoints keep the plain names
-    steps_per_epoch = len(data) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"--batch-size {cfg.batch_size}: larger than the {len(data)} training images")
-    total = min(max_steps or math.inf, cfg.epochs * steps_per_epoch)
-    save_text(json.dumps(asdict(cfg), indent=2) + "\n", run_dir / "config.json")
-    print(f"UNet: {count_params(model):,} parameters, channels {cfg.channels}; device {device}, "
-          f"{'bf16 autocast' if bf16 else 'fp32'}; {steps_per_epoch} steps/epoch, {cfg.epochs} epochs"
-          + (f"; resuming at step {step}" if step else ""))
-    if device.type == "cpu" and cfg.preset == "paper":
-        print("note: the case-study recipe takes many hours on a CPU; `--preset cpu` makes digits in "
-              "under 30 minutes on 2 cores (README, CPU preset)", file=sys.stderr)
-
-    last_good = (ckpt_path, step) if resume else None
-    t_start, seconds0 = time.time(), state["seconds"]
-    recent, recent_from = [], step          # losses not yet checked: a check syncs with the GPU
-    loss_sum = torch.tensor(state["epoch_loss_sum"], device=device)
-    pbar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0)
-    stop = out_of_time = False
-    batches = None                          # this epoch's (steps, B) image indices
-    try:
-        with sigint_flag() as interrupted:
-            while step < total and not (stop or out_of_time):
-                epoch, i = divmod(step, steps_per_epoch)
-                if i == 0 or batches is None:                # a new epoch, or the first step after a resume
-                    batches = epoch_batches(len(data), cfg.batch_size, cfg.seed, epoch).to(device)
-                x0 = to_model_range(data[batches[i]])          # (B, 1, 28, 28) in [-1, 1]
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, cfg, total)
-                loss = train_step(model, fwd, ema, opt, schedule, x0, gen, bf16, step, cfg)
-                loss_sum += loss
-                recent.append(loss)
-                step += 1
-                stop, end_of_epoch = interrupted["set"], step % steps_per_epoch == 0
-                out_of_time = max_minutes is not None and time.time() - t_start > 60 * max_minutes
-                save_now = end_of_epoch or step == total or out_of_time or stop or \
-                    (ckpt_every and step % ckpt_every == 0)
-                if len(recent) == 50 or save_now:
-                    check_finite(recent, recent_from)
-                    pbar.set_postfix(loss=f"{torch.stack(recent).mean().item():.4f}",
-                                     img_s=f"{(pbar.format_dict['rate'] or 0) * cfg.batch_size:.0f}")
-                    pbar.update(len(recent))
-                    recent, recent_from = [], step
-                state["seconds"] = seconds0 + time.time() - t_start
-                if end_of_epoch:
-                    end_epoch(epoch + 1, step, loss_sum, steps_per_epoch, state, cfg, ema, schedule, device, bf16, run_dir)
-                    loss_sum.zero_()
-                if save_now:  # written last, so a kill before it replays this epoch end exactly
-                    state["epoch_loss_sum"] = loss_sum.item()
-                    save_checkpoint(ckpt_path, cfg, model, ema, opt, step, dict(state, rng=gen.get_state()))
-                    last_good = (ckpt_path, step)
-    except NonFiniteLoss as e:
-        pbar.close()
-        kept = f"the last good checkpoint is {last_good[0]} (step {last_good[1]})" if last_good \
-            else "no checkpoint was written"
-        print(f"error: the loss became NaN or infinite at step {e.args[0]}; {kept}. "
-              f"Try a smaller --lr, or --precision fp32.", file=sys.stderr)
-        sys.exit(1)
-    pbar.close()
-    if stop:
-        print(f"interrupted: saved {ckpt_path} at step {step}; continue with\n"
-              f"  python ddpm_mnist.py train --run-dir {run_dir} --resume", file=sys.stderr)
-        sys.exit(130)
-    print(f"saved {ckpt_path} at step {step} ({state['seconds']:.0f} s of training)")
-    return model, ema
+def resolve_device(name):
+    """'auto' picks cuda, then mps, then cpu; everything else follows this device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps: MPS is not available on this machine; use --device cpu or auto")
+    return torch.device(name)
 
 
 # -----------------------------------------------------------------------------
-# Step 5: samplers. Both take any eps-model(x, t) and the starting noise x_T, and return
-# images in [-1, 1]. A step function returns the mean and standard deviation of
-# x_{t-1} given x_t, so tests can check the formulas without sampling.
+# Sampling many: batches, one progress bar, and the three output formats.
 
 
-def predict_x0(schedule, x_t, t, eps, clip=True):
-    """Invert Eq. 4 for x_0. Clipping to [-1, 1] (the data range) keeps early, wild
-    predictions from pushing samples off the image manifold; eps is then re-derived so
-    the pair (x_0, eps) still adds up to x_t exactly."""
-    x0 = extract(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t - \
-        extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
-    if clip:
-        x0 = x0.clamp(-1.0, 1.0)
-        eps = (x_t - extract(schedule.sqrt_alphas_cumprod, t, x_t) * x0) / \
-            extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
-    return x0, eps
-
-
-def ddpm_step(schedule, x_t, t, eps, clip=True):
-    """Eq. 7 with the predicted x_0: mean of q(x_{t-1} | x_t, x_0) and sigma_t = sqrt(beta_tilde_t)."""
-    x0, _ = predict_x0(schedule, x_t, t, eps, clip)
-    mean = extract(schedule.posterior_mean_coef1, t, x_t) * x0 + \
-        extract(schedule.posterior_mean_coef2, t, x_t) * x_t
-    return mean, extract(schedule.posterior_variance, t, x_t).sqrt(), x0
-
-
-def ddim_step(schedule, x_t, t, t_prev, eps, eta=0.0, clip=True):
-    """DDIM Eq. 12 from index t to index t_prev (-1 means the clean image, alpha_bar = 1)."""
-    x0, eps = predict_x0(schedule, x_t, t, eps, clip)
-    a_t = extract(schedule.alphas_cumprod, t, x_t)
-    a_prev = schedule.alphas_cumprod[t_prev.clamp(min=0)]
-    a_prev = torch.where(t_prev >= 0, a_prev, torch.ones_like(a_prev)).view(-1, 1, 1, 1)  # (B,) -> (B, 1, 1, 1)
-    sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()  # DDIM Eq. 16
-    mean = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
-    return mean, sigma, x0
-
-
-def ddim_timesteps(T, steps):
-    """`steps` indices spaced T/steps apart, starting at T-1: the first step must start from
-    the pure-noise level x_T ~ N(0, I), which is what sampling feeds in. steps = T gives
-    every index T-1 .. 0, where eta = 1 is exactly DDPM."""
-    return [round(T - 1 - i * T / steps) for i in range(steps)]
-
-
-def _full(x, t):
-    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-
-
-@torch.no_grad()
-def ddpm_sample(model, schedule, x_T, clip_x0=True, generator=None, on_step=None, progress=False):
-    """Alg. 2: T ancestral steps from x_T ~ N(0, I) with the posterior variance."""
-    x = x_T
-    for i, t in enumerate(tqdm(range(schedule.T - 1, -1, -1), desc="DDPM", disable=not progress, leave=False)):
-        t_b = _full(x, t)
-        mean, std, x0 = ddpm_step(schedule, x, t_b, model(x, t_b).float(), clip_x0)
-        z = torch.randn(x.shape, device=x.device, generator=generator) if t > 0 else 0.0
-        x = mean + std * z
-        if on_step:
-            on_step(i, x, x0)
-    return x
-
-
-@torch.no_grad()
-def ddim_sample(model, schedule, x_T, steps=50, eta=0.0, clip_x0=True, generator=None, on_step=None,
-                progress=False):
-    """DDIM: `steps` jumps along a subsequence of the T timesteps; eta = 0 is deterministic."""
-    ts = ddim_timesteps(schedule.T, steps)
-    x = x_T
-    for i, t in enumerate(tqdm(ts, desc="DDIM", disable=not progress, leave=False)):
-        t_b, t_prev = _full(x, t), _full(x, ts[i + 1] if i + 1 < len(ts) else -1)
-        mean, sigma, x0 = ddim_step(schedule, x, t_b, t_prev, model(x, t_b).float(), eta, clip_x0)
-        x = mean
-        if eta > 0:
-            x = x + sigma * torch.randn(x.shape, device=x.device, generator=generator)
-        if on_step:
-            on_step(i, x, x0)
-    return x
-
-
-def generate(model, schedule, n, sampler="ddim", steps=50, eta=0.0, seed=0, batch_size=256, device="cpu",
-             bf16=False, clip_x0=True, progress=False):
-    """n samples as uint8 (n, 28, 28), in batches. x_T comes from a CPU generator, so the
-    same seed gives the same starting noise on every device."""
+def generate(eps_model, schedule, sampler, shape, seed=0, batch_size=256):
+    """shape[0] samples as uint8 (N, H, W), made in batches. x_T comes from a CPU generator,
+    so the same seed gives the same starting noise on every device."""
+    n, device = shape[0], schedule.betas.device
     g_noise = torch.Generator().manual_seed(seed)
     g_step = torch.Generator(device).manual_seed(seed + 1)     # DDPM's and DDIM(eta>0)'s z
+    steps = len(sampler.timesteps(schedule.T))
     out = []
-    for start in tqdm(range(0, n, batch_size), desc=f"{sampler} x{n}", disable=not progress or n <= batch_size):
-        x_T = torch.randn(min(batch_size, n - start), 1, IMAGE_SIZE, IMAGE_SIZE, generator=g_noise).to(device)
-        with autocast(device, bf16):
-            if sampler == "ddpm":
-                x0 = ddpm_sample(model, schedule, x_T, clip_x0, g_step, progress=progress and n <= batch_size)
-            else:
-                x0 = ddim_sample(model, schedule, x_T, steps, eta, clip_x0, g_step,
-                                 progress=progress and n <= batch_size)
-        out.append(to_uint8(x0).cpu())
+    with progress_bar(total=math.ceil(n / batch_size) * steps, desc=f"{sampler.name} x{n}", unit="step",
+                      leave=False) as bar:
+        for start in range(0, n, batch_size):
+            x_T = torch.randn(min(batch_size, n - start), *shape[1:], generator=g_noise).to(device)
+            x0 = sampler(eps_model, schedule, x_T, g_step, on_step=lambda *_: bar.update())
+            out.append(to_uint8(x0).cpu())
     return torch.cat(out)
+
+
+def write_samples(images, out, fmt):
+    if fmt == "png":
+        save_png(grid_image(images, nrow=max(1, round(math.sqrt(len(images))))), out)
+    elif fmt == "npz":
+        atomic_write(out, lambda f: np.savez_compressed(f, images=images.numpy()))
+    else:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(images):
+            save_png(to_image(im), Path(out) / f"{i:06d}.png")
+
+
+def read_samples(path):
+    """uint8 (N, 28, 28) from an .npz with an 'images' array; one clear line if it is not."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            a = z["images"] if "images" in z.files else z[z.files[0]]
+    except Exception as e:
+        raise UserError(f"--samples {path}: not a readable .npz ({type(e).__name__})") from None
+    H, W = IMAGE_SHAPES["mnist"][1:]
+    if a.ndim != 3 or a.shape[1:] != (H, W) or a.dtype != np.uint8 or len(a) < 2:
+        raise UserError(f"--samples {path}: holds {a.dtype} {tuple(a.shape)}; need uint8 (N, {H}, {W}) with N >= 2")
+    return torch.from_numpy(a.copy())
 
 
 # -----------------------------------------------------------------------------
@@ -867,24 +1055,27 @@ class Classifier(nn.Module):
 
 
 CLASSIFIER_EPOCHS = 3
+CLASSIFIER_BATCH = 128
+SHIFT = 2                        # the classifier's augmentation: random shifts of up to 2 px
 
 
 def train_classifier(data_dir, device, seed=0, epochs=CLASSIFIER_EPOCHS):
-    """Adam with a cosine decay and +-2 px random shifts: >99% test accuracy in 3 epochs."""
+    """Adam with a one-cycle schedule and random shifts: >99% test accuracy in 3 epochs.
+    The shifts matter: generated digits are not centred as carefully as MNIST's."""
     images, labels = load_mnist(data_dir, train=True)
     images, labels = images.to(device), labels.to(device)
     torch.manual_seed(seed)
     clf = Classifier().to(device)
-    B = 128
-    steps = epochs * (len(images) // B)
+    steps = epochs * (len(images) // CLASSIFIER_BATCH)
     opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1))
     clf.train()
-    for epoch in tqdm(range(epochs), desc="classifier", leave=False):
-        for idx in epoch_batches(len(images), B, seed, epoch).to(device):
-            x = F.pad(to_model_range(images[idx]), (2, 2, 2, 2), value=-1.0)   # (B, 1, 32, 32)
-            dx, dy = torch.randint(0, 5, (2,)).tolist()                         # one shift per batch
-            loss = F.cross_entropy(clf(x[:, :, dy:dy + 28, dx:dx + 28]), labels[idx])
+    H, W = images.shape[1:]
+    for epoch in range(epochs):
+        for idx in epoch_batches(len(images), CLASSIFIER_BATCH, seed, epoch).to(device):
+            x = F.pad(to_model_range(images[idx]), (SHIFT,) * 4, value=-1.0)   # (B, 1, H + 4, W + 4)
+            dx, dy = torch.randint(0, 2 * SHIFT + 1, (2,)).tolist()             # one shift per batch
+            loss = F.cross_entropy(clf(x[:, :, dy:dy + H, dx:dx + W]), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -944,7 +1135,7 @@ def nearest_distances(queries_uint8, ref_uint8, device):
     return torch.cat(out)
 
 
-def load_checkpoint_plain(path, flag):
+def load_cache_file(path, flag):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -956,7 +1147,7 @@ def classifier_cache(path, data_dir, device):
     trained and written on first use."""
     path = Path(path)
     if path.exists():
-        c = load_checkpoint_plain(path, "--classifier")
+        c = load_cache_file(path, "--classifier")
         clf = Classifier()
         clf.load_state_dict(c["model"])
         return clf.to(device).eval().requires_grad_(False), c
@@ -1007,43 +1198,47 @@ def evaluate_samples(samples, clf, cache, data_dir, device, seed=0):
         **memorization(samples, train_x, test_x, device))
 
 
+
+
 # -----------------------------------------------------------------------------
 # Pictures that teach: the forward process, the denoising trajectory, interpolation,
-# DDPM against DDIM, and training progress. All are grids of 28 px cells with labels.
+# DDPM against DDIM, and training progress. All are grids of image cells with labels.
+# Every t printed on a picture is the paper's t (1..T, 0 for the clean image).
 
 
-def labeled_grid(cells, row_labels=(), col_labels=(), scale=2, pad=2):
-    """cells: uint8 (R, C, 28, 28) -> a PIL image, labels left of rows and under columns."""
-    R, C = cells.shape[:2]
-    s = IMAGE_SIZE * scale
+def labeled_grid(cells, row_labels=(), col_labels=(), scale=2, pad=GRID_PAD):
+    """cells: uint8 (R, C, H, W) -> a PIL image, labels left of rows and under columns."""
+    R, C, H, W = cells.shape
+    sh, sw = H * scale, W * scale
     font = ImageFont.load_default()
     measure = ImageDraw.Draw(Image.new("L", (1, 1)))
     left = int(max((measure.textlength(str(l), font=font) for l in row_labels), default=0)) + 8 if row_labels else 0
     lines = max((str(l).count("\n") + 1 for l in col_labels), default=0)
-    img = Image.new("L", (left + pad + C * (s + pad), pad + R * (s + pad) + 13 * lines + (4 if lines else 0)), 255)
+    line_h = 13                  # the default font's line height, in pixels
+    img = Image.new("L", (left + pad + C * (sw + pad), pad + R * (sh + pad) + line_h * lines + (4 if lines else 0)), 255)
     draw = ImageDraw.Draw(img)
     for r in range(R):
         for c in range(C):
-            tile = to_image(cells[r, c]).resize((s, s), Image.NEAREST)
-            img.paste(tile, (left + pad + c * (s + pad), pad + r * (s + pad)))
+            tile = to_image(cells[r, c]).resize((sw, sh), Image.NEAREST)
+            img.paste(tile, (left + pad + c * (sw + pad), pad + r * (sh + pad)))
         if row_labels:
-            draw.text((4, pad + r * (s + pad) + s // 2 - 6), str(row_labels[r]), fill=0, font=font)
+            draw.text((4, pad + r * (sh + pad) + sh // 2 - 6), str(row_labels[r]), fill=0, font=font)
     for c, label in enumerate(col_labels):
-        draw.multiline_text((left + pad + c * (s + pad) + 2, pad + R * (s + pad) + 2), str(label),
+        draw.multiline_text((left + pad + c * (sw + pad) + 2, pad + R * (sh + pad) + 2), str(label),
                             fill=0, font=font, spacing=2)
     return img
 
 
-FORWARD_T = (0, 50, 100, 200, 400, 600, 800, 999)
+FORWARD_T = (1, 50, 100, 200, 400, 600, 800, 1000)   # the paper's t: index t - 1
 
 
 def forward_picture(images_uint8, schedule, ts=FORWARD_T, seed=0):
-    """Step 2 made visible: each digit a row, noised in closed form (Eq. 4) at each t.
-    Under each column: t and sqrt(alpha_bar_t), the weight of the digit left in x_t."""
+    """Step 2 made visible: each digit a row, noised in closed form (Eq. 4) at each paper
+    t. Under each column: t and sqrt(alpha_bar_t), the weight of the digit left in x_t."""
     x0 = to_model_range(images_uint8)                                       # (R, 1, 28, 28)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    cols = [to_uint8(schedule.q_sample(x0, _full(x0, t), noise)) for t in ts]   # C x (R, 28, 28)
-    labels = [f"t={t}\nsignal {schedule.sqrt_alphas_cumprod[t]:.3f}" for t in ts]   # sqrt(alpha_bar_t)
+    cols = [to_uint8(schedule.q_sample(x0, t_batch(x0, t - 1), noise)) for t in ts]   # C x (R, 28, 28)
+    labels = [f"t={t}\nsignal {schedule.sqrt_alphas_cumprod[t - 1]:.3f}" for t in ts]
     return labeled_grid(torch.stack(cols, dim=1), col_labels=labels, scale=3)
 
 
@@ -1054,22 +1249,24 @@ def frame_indices(num_steps, max_frames=50):
     return sorted({round(i * (num_steps - 1) / max(k - 1, 1)) for i in range(k)})
 
 
-def denoising_gif(model, schedule, x_T, sampler, steps, eta, generator, bf16):
+def paper_t_after(ts, i):
+    """The paper's t of the state a sampler holds after its i-th step: the step from index
+    ts[i] lands on index ts[i + 1], which is the paper's ts[i + 1] + 1, or on x_0 at the end."""
+    return ts[i + 1] + 1 if i + 1 < len(ts) else 0
+
+
+def denoising_gif(eps_model, schedule, x_T, sampler, generator):
     """Frames of x_t (left) beside the model's current guess of x_0 (right), per step."""
-    ts = list(range(schedule.T - 1, -1, -1)) if sampler == "ddpm" else ddim_timesteps(schedule.T, steps)
+    ts = sampler.timesteps(schedule.T)
     keep = set(frame_indices(len(ts)))
     nrow = math.ceil(math.sqrt(len(x_T)))
     frames = []
 
     def on_step(i, x, x0):
         if i in keep:
-            frames.append(gif_frame(to_uint8(x).cpu(), to_uint8(x0).cpu(), ts[i], nrow))
+            frames.append(gif_frame(to_uint8(x).cpu(), to_uint8(x0).cpu(), paper_t_after(ts, i), nrow))
 
-    with autocast(x_T.device, bf16):
-        if sampler == "ddpm":
-            ddpm_sample(model, schedule, x_T, generator=generator, on_step=on_step)
-        else:
-            ddim_sample(model, schedule, x_T, steps, eta, generator=generator, on_step=on_step)
+    sampler(eps_model, schedule, x_T, generator, on_step)
     return frames
 
 
@@ -1077,16 +1274,18 @@ def gif_frame(x_t, x0, t, nrow):
     """Two grids side by side with a caption: the noisy state and the predicted x_0."""
     left, right = grid_image(x_t, nrow), grid_image(x0, nrow)
     w, h = left.size
-    img = Image.new("L", (2 * w + 12, h + 16), 255)
-    img.paste(left, (0, 16))
-    img.paste(right, (w + 12, 16))
+    caption_h, gap = 16, 12
+    img = Image.new("L", (2 * w + gap, h + caption_h), 255)
+    img.paste(left, (0, caption_h))
+    img.paste(right, (w + gap, caption_h))
     draw = ImageDraw.Draw(img)
     draw.text((2, 2), f"x_t, t={t}", fill=0)
-    draw.text((w + 14, 2), "predicted x_0", fill=0)
+    draw.text((w + gap + 2, 2), "predicted x_0", fill=0)
     return img
 
 
 def save_gif(frames, path, ms=80, hold_ms=1500):
+    """Each frame `ms` long; the last one held so the finished digits can be seen."""
     durations = [ms] * (len(frames) - 1) + [hold_ms]
     atomic_write(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
                                                 duration=durations, loop=0, optimize=False))
@@ -1101,24 +1300,28 @@ def slerp(z0, z1, alpha):
     return (torch.sin((1 - alpha) * theta) * z0 + torch.sin(alpha * theta) * z1) / torch.sin(theta)
 
 
-def interpolation_noise(rows, cols, seed):
-    """(rows * cols, 1, 28, 28): each row slerps from one random x_T to another."""
+def interpolation_noise(rows, cols, seed, shape=IMAGE_SHAPES["mnist"]):
+    """(rows * cols, C, H, W): each row slerps from one random x_T to another."""
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(rows, 2, 1, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    z = torch.randn(rows, 2, *shape, generator=g)
     alphas = torch.linspace(0, 1, cols)
     return torch.stack([slerp(z[r, 0], z[r, 1], a) for r in range(rows) for a in alphas])
 
 
 def progress_picture(run_dir, epochs, n=8):
-    """The first n samples of the chosen per-epoch grids, one row per epoch."""
+    """The first n samples of the chosen per-epoch grids, one row per epoch. A row has as
+    many samples as the narrowest grid holds, so a run with a small --grid-n still works."""
     found = {int(p.stem[len("grid_epoch"):]): p for p in Path(run_dir).glob("grid_epoch*.png")}
     have = sorted(found)
     # a short run shows every epoch; a long one the chosen ones and always its last
     chosen = have if len(have) <= 6 else sorted({e for e in epochs if e in found} | {have[-1]})
-    rows = []
-    for e in chosen:
-        grid = torch.from_numpy(np.array(Image.open(found[e]).convert("L")))   # (H, W) uint8
-        rows.append(torch.stack([grid[2:30, 2 + 30 * c: 30 + 30 * c] for c in range(n)]))
+    cfg_file = Path(run_dir) / "config.json"
+    cfg = config_from_dict(json.loads(cfg_file.read_text())) if cfg_file.exists() else Config()
+    _, H, W = image_shape(cfg)
+    grids = [torch.from_numpy(np.array(Image.open(found[e]).convert("L"))) for e in chosen]   # (h, w) uint8
+    n = min([n] + [(g.shape[1] - GRID_PAD) // (W + GRID_PAD) for g in grids])
+    cell = lambda g, c: g[GRID_PAD:GRID_PAD + H, GRID_PAD + c * (W + GRID_PAD): GRID_PAD + c * (W + GRID_PAD) + W]
+    rows = [torch.stack([cell(g, c) for c in range(n)]) for g in grids]
     return labeled_grid(torch.stack(rows), row_labels=[f"epoch {e}" for e in chosen]), chosen
 
 
@@ -1132,6 +1335,7 @@ def sync(device):
 
 
 def timed(fn, device):
+    """Wall-clock seconds of fn(), with the GPU's queue drained before and after."""
     sync(device)
     t0 = time.perf_counter()
     fn()
@@ -1139,10 +1343,10 @@ def timed(fn, device):
     return time.perf_counter() - t0
 
 
-def forward_flops(model, device):
+def forward_flops(model, shape, device):
     """Forward FLOPs per image, counted by torch.utils.flop_counter (convs and matmuls)."""
     from torch.utils.flop_counter import FlopCounterMode
-    x = torch.randn(2, 1, IMAGE_SIZE, IMAGE_SIZE, device=device)
+    x = torch.randn(2, *shape, device=device)
     with FlopCounterMode(display=False) as fc:
         model(x, torch.zeros(2, dtype=torch.long, device=device))
     return fc.get_total_flops() / 2
@@ -1155,54 +1359,61 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the whole process, in MB
 
 
+BENCH_WARMUP_STEPS = 3           # the first steps pay for allocation, cuDNN's search and compile
+MNIST_TRAIN_IMAGES = 60_000
+
+
 def bench(cfg, device, batch_size, reps=5, compile=False):
     set_fast_math(device)
-    bf16 = use_bf16(device, cfg.precision)
     torch.manual_seed(0)
-    schedule = make_schedule(cfg).to(device)
-    model = UNet(cfg.channels, cfg.num_res_blocks).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = make_optimizer(model, cfg, device)
-    fwd = torch.compile(model) if compile else model
-    gflop = forward_flops(model, device) / 1e9
-    x0 = to_model_range(torch.randint(0, 256, (batch_size, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, device=device))
+    cfg = replace(cfg, batch_size=batch_size)
+    p = build(cfg, device, compile)
+    shape = image_shape(cfg)
+    gflop = forward_flops(p.model, shape, device) / 1e9
+    x0 = torch.rand(batch_size, *shape, device=device) * 2 - 1      # stand-in images: the cost is the same
     gen = torch.Generator(device).manual_seed(0)
-    print(f"UNet: {count_params(model):,} parameters, channels {cfg.channels}; {gflop:.3f} GFLOP forward per image")
+    print(f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}; {gflop:.3f} GFLOP forward per image")
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    bf16 = use_bf16(device, cfg.precision)
     print(f"device {device} ({card}), {'bf16 autocast' if bf16 else 'fp32'}, batch {batch_size}, torch {torch.__version__}")
-    t_warm = timed(lambda: [train_step(model, fwd, ema, opt, schedule, x0, gen, bf16, 0, cfg) for _ in range(3)], device)
+    t_warm = timed(lambda: [train_step(p, x0, gen, 0, cfg) for _ in range(BENCH_WARMUP_STEPS)], device)
     phases = {"forward+loss": [], "backward": [], "optimizer": [], "ema": []}
     for _ in range(reps):
         box = {}
-        phases["forward+loss"].append(timed(lambda: box.update(loss=diffusion_loss(fwd, schedule, x0, gen, bf16)), device))
-        opt.zero_grad(set_to_none=True)
+        phases["forward+loss"].append(timed(lambda: box.update(loss=diffusion_loss(p.eps_model, p.schedule, x0, gen)),
+                                            device))
+        p.opt.zero_grad(set_to_none=True)
         phases["backward"].append(timed(lambda: box["loss"].backward(), device))
-        phases["optimizer"].append(timed(opt.step, device))
-        phases["ema"].append(timed(lambda: ema_update(list(ema.parameters()), list(model.parameters()), 0.9999), device))
-    step_s = timed(lambda: [train_step(model, fwd, ema, opt, schedule, x0, gen, bf16, 0, cfg) for _ in range(reps)],
-                   device) / reps
+        phases["optimizer"].append(timed(p.opt.step, device))
+        phases["ema"].append(timed(lambda: ema_update(list(p.ema.parameters()), list(p.model.parameters()),
+                                                      cfg.ema_decay), device))
+    step_s = timed(lambda: [train_step(p, x0, gen, 0, cfg) for _ in range(reps)], device) / reps
     med = {k: sorted(v)[len(v) // 2] for k, v in phases.items()}
-    print(f"warm-up (3 steps{', compile' if compile else ''}): {t_warm:.1f} s")
+    paper = PRESETS["paper"]
+    paper_images = paper.epochs * (MNIST_TRAIN_IMAGES // paper.batch_size) * paper.batch_size
+    print(f"warm-up ({BENCH_WARMUP_STEPS} steps{', compile' if compile else ''}): {t_warm:.1f} s")
     print("train step, ms: " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in med.items())
           + f"; whole step {1e3 * step_s:.1f}")
     print(f"train throughput: {batch_size / step_s:,.0f} images/s; {3 * gflop * batch_size / step_s / 1e3:.2f} TFLOP/s "
-          f"achieved (3 x forward FLOPs); one 50-epoch recipe = {50 * 468 * 128 / (batch_size / step_s) / 60:.1f} min")
-    bench_sampling(ema, schedule, device, bf16, batch_size)
+          f"achieved (3 x forward FLOPs); one {paper.epochs}-epoch recipe = "
+          f"{paper_images / (batch_size / step_s) / 60:.1f} min")
+    bench_sampling(with_autocast(p.ema, device, bf16), p.schedule, (batch_size, *shape))
     print(f"peak memory: {peak_memory_mb(device):,.0f} MB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
 
 
-def bench_sampling(ema, schedule, device, bf16, batch_size):
-    x_T = torch.randn(batch_size, 1, IMAGE_SIZE, IMAGE_SIZE, device=device)
-    with autocast(device, bf16):
-        ddim_sample(ema, schedule, x_T, steps=2)                          # warm-up
-        if device.type == "cuda":
-            ddim_s = timed(lambda: ddim_sample(ema, schedule, x_T, steps=50), device)
-            ddpm_s = timed(lambda: ddpm_sample(ema, schedule, x_T), device)
-            how = "measured"
-        else:  # 1000 steps take minutes on a CPU: time a few and extrapolate
-            per_step = timed(lambda: ddim_sample(ema, schedule, x_T, steps=5), device) / 5
-            ddim_s, ddpm_s, how = 50 * per_step, 1000 * per_step, "extrapolated from 5 timed steps"
-    print(f"sampling, batch {batch_size}: DDIM-50 {ddim_s:.2f} s, DDPM-1000 {ddpm_s:.2f} s ({how})")
+def bench_sampling(eps_model, schedule, shape):
+    device = schedule.betas.device
+    x_T = torch.randn(*shape, device=device)
+    ddim_sample(eps_model, schedule, x_T, steps=2)                      # warm-up
+    if device.type == "cuda":
+        ddim_s = timed(lambda: ddim_sample(eps_model, schedule, x_T, steps=DDIM_STEPS), device)
+        ddpm_s = timed(lambda: ddpm_sample(eps_model, schedule, x_T), device)
+        how = "measured"
+    else:  # 1000 steps take minutes on a CPU: time a few and extrapolate
+        k = 5
+        per_step = timed(lambda: ddim_sample(eps_model, schedule, x_T, steps=k), device) / k
+        ddim_s, ddpm_s, how = DDIM_STEPS * per_step, schedule.T * per_step, f"extrapolated from {k} timed steps"
+    print(f"sampling, batch {shape[0]}: DDIM-{DDIM_STEPS} {ddim_s:.2f} s, DDPM-{schedule.T} {ddpm_s:.2f} s ({how})")
 
 
 # -----------------------------------------------------------------------------
@@ -1302,58 +1513,85 @@ TRAIN_FLAGS = ("epochs", "batch_size", "lr", "channels", "ema_decay", "seed", "p
                "schedule", "lr_schedule", "warmup_steps", "min_snr_gamma")
 
 
-def add_common(p, ckpt=True, precision=True):
+def preset_default(name):
+    """'(default: paper X, cpu Y)' for a Config field, so no help text states a default
+    that a preset overrides."""
+    show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    values = {preset: show(getattr(cfg, name)) for preset, cfg in PRESETS.items()}
+    if len(set(values.values())) == 1:
+        return f"(default: {values['paper']})"
+    return "(default: " + ", ".join(f"{v} with --preset {k}" for k, v in values.items()) + ")"
+
+
+# One declaration per shared flag, so its help reads the same in every subcommand.
+
+def add_device(p):
     p.add_argument("--device", type=device_arg, default="auto",
                    help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
-    if ckpt:
-        p.add_argument("--ckpt", default="runs/ddpm/ckpt.pt",
-                       help="checkpoint to load; samples/ema_fp16.pt works too (default: runs/ddpm/ckpt.pt)")
-    if precision:
-        p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                       help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32 (default: auto)")
+
+
+def add_seed(p, what="the starting noise"):
+    p.add_argument("--seed", type=int_in(0), default=0, help=f"seed of {what} (default: 0)")
+
+
+def add_data_dir(p):
+    p.add_argument("--data-dir", default="data",
+                   help="folder holding MNIST/raw; downloaded there if missing (default: data)")
+
+
+def add_precision(p, default="auto"):
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=default,
+                   help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32 (default: auto)")
+
+
+def add_ckpt(p):
+    p.add_argument("--ckpt", help=f"checkpoint to load (default: {DEFAULT_CKPT}, or the committed "
+                                  "samples/ema_fp16.pt until you have trained)")
 
 
 def add_sampler_args(p):
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim",
                    help="ddpm: all T ancestral steps; ddim: --steps jumps (default: ddim)")
     p.add_argument("--steps", type=int_in(1, DEFAULTS.T),
-                   help=f"DDIM steps, 1..{DEFAULTS.T} (default: 50; DDPM always takes all {DEFAULTS.T})")
+                   help=f"DDIM steps, 1..{DEFAULTS.T} (default: {DDIM_STEPS}; DDPM always takes all {DEFAULTS.T})")
     p.add_argument("--eta", type=float_over(0, strict=False), default=0.0,
                    help="DDIM noise: 0 deterministic, 1 like DDPM (default: 0)")
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 to [-1, 1]")
 
 
 def add_eval_args(p):
-    p.add_argument("--data-dir", default="data", help="where MNIST/raw is (default: data)")
+    add_data_dir(p)
     p.add_argument("--classifier", default="runs/mnist_classifier.pt",
                    help="cached classifier, trained here on first use (default: runs/mnist_classifier.pt)")
-    p.add_argument("--seed", type=int_in(0), default=0, help="seed of the starting noise (default: 0)")
+    add_seed(p)
 
 
 def add_train_parser(sub):
     p = sub.add_parser("train", help="train a DDPM on MNIST (Alg. 1)",
                        description="Train the U-Net; writes ckpt.pt, config.json, loss.csv and per-epoch "
-                                   "EMA sample grids into --run-dir.")
+                                   "EMA sample grids into --run-dir. Defaults come from --preset.")
     p.add_argument("--preset", choices=tuple(PRESETS), default="paper",
                    help="paper: the case study's recipe; cpu: a 4x cheaper network and a short run for "
                         "a laptop CPU (default: paper)")
-    p.add_argument("--epochs", type=int_in(1), help=f"passes over the 60,000 images (default: {DEFAULTS.epochs})")
-    p.add_argument("--batch-size", type=int_in(1), help=f"images per step (default: {DEFAULTS.batch_size})")
-    p.add_argument("--lr", type=float_over(0, strict=True), help=f"AdamW learning rate (default: {DEFAULTS.lr})")
+    p.add_argument("--epochs", type=int_in(1), help=f"passes over the 60,000 images {preset_default('epochs')}")
+    p.add_argument("--batch-size", type=int_in(1), help=f"images per step {preset_default('batch_size')}")
+    p.add_argument("--lr", type=float_over(0, strict=True), help=f"AdamW learning rate {preset_default('lr')}")
     p.add_argument("--channels", type=channels_arg,
-                   help="widths of the 4 levels, multiples of 8 (default: 64,128,256,256)")
-    p.add_argument("--ema-decay", type=decay_arg, help=f"EMA decay, below 1 (default: {DEFAULTS.ema_decay})")
-    p.add_argument("--seed", type=int_in(0), help="seed for init, data order and noise (default: 0)")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"),
-                   help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32 (default: auto)")
-    p.add_argument("--grid-n", type=int_in(0), help="EMA samples in each epoch's grid, 0 for none (default: 64)")
-    p.add_argument("--schedule", choices=("linear", "cosine"), help="noise schedule (default: linear)")
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"), help="learning-rate schedule (default: constant)")
-    p.add_argument("--warmup-steps", type=int_in(0), help="linear lr warm-up steps (default: 0)")
-    p.add_argument("--min-snr-gamma", type=float_over(0, strict=False), help="min-SNR loss weight, 0 for off (default: 0)")
-    p.add_argument("--data-dir", default="data", help="where MNIST/raw is or will be downloaded (default: data)")
+                   help=f"widths of the 4 levels, multiples of 8 {preset_default('channels')}")
+    p.add_argument("--ema-decay", type=decay_arg, help=f"EMA decay, below 1 {preset_default('ema_decay')}")
+    p.add_argument("--seed", type=int_in(0), help=f"seed for init, data order and noise {preset_default('seed')}")
+    add_precision(p, default=None)
+    p.add_argument("--grid-n", type=int_in(0), help=f"EMA samples in each epoch's grid, 0 for none "
+                                                    f"{preset_default('grid_n')}")
+    p.add_argument("--schedule", choices=("linear", "cosine"), help=f"noise schedule {preset_default('schedule')}")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"),
+                   help=f"constant, or warm-up then cosine decay to 0 {preset_default('lr_schedule')}")
+    p.add_argument("--warmup-steps", type=int_in(0), help=f"linear lr warm-up steps {preset_default('warmup_steps')}")
+    p.add_argument("--min-snr-gamma", type=float_over(0, strict=False),
+                   help=f"min-SNR loss weighting, 0 for plain MSE {preset_default('min_snr_gamma')}")
+    add_data_dir(p)
     p.add_argument("--run-dir", default="runs/ddpm", help="where the run's files go (default: runs/ddpm)")
-    p.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    add_device(p)
     p.add_argument("--max-steps", type=int_in(1), help="stop after this many steps in all, with a checkpoint")
     p.add_argument("--max-minutes", type=float_over(0, strict=True), help="stop after this many minutes, with a checkpoint")
     p.add_argument("--ckpt-every", type=int_in(0), default=0,
@@ -1368,7 +1606,9 @@ def add_sample_parser(sub):
     p = sub.add_parser("sample", help="draw digits with DDPM or DDIM (Alg. 2, DDIM Eq. 12)",
                        description="Sample from a checkpoint's EMA weights into a PNG grid, an .npz, "
                                    "a folder of PNGs, or a denoising GIF.")
-    add_common(p)
+    add_device(p)
+    add_ckpt(p)
+    add_precision(p)
     add_sampler_args(p)
     p.add_argument("--n", type=int_in(1), default=64, help="number of samples (default: 64)")
     p.add_argument("--batch-size", type=int_in(1), default=256, help="samples per batch (default: 256)")
@@ -1380,21 +1620,24 @@ def add_sample_parser(sub):
     p.add_argument("--out", help="output path (default: samples/<sampler>_<steps>.png, .npz, .gif or folder)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema",
                    help="the EMA weights or the raw trained ones (default: ema)")
-    p.add_argument("--seed", type=int_in(0), default=0, help="seed of the starting noise (default: 0)")
+    add_seed(p)
     p.set_defaults(func=cmd_sample)
 
 
 def add_evaluate_parser(sub):
     p = sub.add_parser("evaluate", help="FID, digit classes and memorization of samples",
                        description="Score N samples (generated, or read from --samples) with a cached MNIST "
-                                   "classifier; prints a table and writes evaluate.json beside the checkpoint.")
-    add_common(p)
+                                   "classifier; prints a table and writes a JSON report.")
+    add_device(p)
+    add_ckpt(p)
+    add_precision(p)
     add_sampler_args(p)
     add_eval_args(p)
     p.add_argument("--n", type=int_in(2), default=10000, help="samples to generate and score (default: 10000)")
     p.add_argument("--batch-size", type=int_in(1), default=500, help="samples per batch (default: 500)")
     p.add_argument("--samples", help="score this .npz (uint8 'images', (N, 28, 28)) instead of sampling")
-    p.add_argument("--out", help="report path (default: evaluate.json beside --ckpt or --samples)")
+    p.add_argument("--out", help="report path (default: evaluate.json beside --samples, else beside the "
+                                 "checkpoint, or in the current folder for the committed weights)")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -1402,7 +1645,9 @@ def add_compare_parser(sub):
     p = sub.add_parser("compare", help="DDPM-1000 against DDIM at 10-100 steps, same noise",
                        description="From one starting noise: DDPM (all T steps), DDIM eta=0 at 10, 20, 50, "
                                    "100 steps and DDIM eta=1 at 50; a table and a picture.")
-    add_common(p)
+    add_device(p)
+    add_ckpt(p)
+    add_precision(p)
     add_eval_args(p)
     p.add_argument("--n", type=int_in(2), default=1000, help="samples per sampler (default: 1000)")
     p.add_argument("--batch-size", type=int_in(1), default=500, help="samples per batch (default: 500)")
@@ -1414,7 +1659,8 @@ def add_bench_parser(sub):
     p = sub.add_parser("bench", help="time a training step and the samplers",
                        description="Train-step time by phase, images/s, FLOPs and TFLOP/s, sampling time "
                                    "for a batch, peak memory.")
-    add_common(p, ckpt=False)
+    add_device(p)
+    add_precision(p)
     p.add_argument("--preset", choices=tuple(PRESETS), default="paper", help="network to time (default: paper)")
     p.add_argument("--channels", type=channels_arg, help="widths of the 4 levels (default: the preset's)")
     p.add_argument("--batch-size", type=int_in(1), default=128, help="images per step (default: 128)")
@@ -1424,21 +1670,23 @@ def add_bench_parser(sub):
 
 
 def add_forward_parser(sub):
-    p = sub.add_parser("forward", help="picture: real digits noised at t = 0 .. 999 (Step 2)")
-    p.add_argument("--data-dir", default="data", help="where MNIST/raw is (default: data)")
+    p = sub.add_parser("forward", help="picture: real digits noised at t = 1 .. 1000 (Step 2)")
+    add_data_dir(p)
     p.add_argument("--n", type=int_in(1, 16), default=4, help="digits, one per row (default: 4)")
-    p.add_argument("--seed", type=int_in(0), default=0, help="picks the digits and the noise (default: 0)")
+    add_seed(p, "the choice of digits and the noise")
     p.add_argument("--out", default="samples/forward.png", help="picture path (default: samples/forward.png)")
     p.set_defaults(func=cmd_forward)
 
 
 def add_interpolate_parser(sub):
     p = sub.add_parser("interpolate", help="picture: DDIM from slerped noises morphs one digit into another")
-    add_common(p)
+    add_device(p)
+    add_ckpt(p)
+    add_precision(p)
     p.add_argument("--rows", type=int_in(1, 16), default=4, help="pairs of noises (default: 4)")
     p.add_argument("--cols", type=int_in(2, 32), default=10, help="steps from one to the other (default: 10)")
-    p.add_argument("--steps", type=int_in(1, DEFAULTS.T), default=50, help="DDIM steps (default: 50)")
-    p.add_argument("--seed", type=int_in(0), default=0, help="seed of the noises (default: 0)")
+    p.add_argument("--steps", type=int_in(1, DEFAULTS.T), default=DDIM_STEPS, help=f"DDIM steps (default: {DDIM_STEPS})")
+    add_seed(p, "the noises")
     p.add_argument("--out", default="samples/interpolate.png", help="picture path (default: samples/interpolate.png)")
     p.set_defaults(func=cmd_interpolate)
 
@@ -1447,7 +1695,8 @@ def add_progress_parser(sub):
     p = sub.add_parser("progress", help="picture: a run's per-epoch EMA grids, one row per epoch")
     p.add_argument("--run-dir", default="runs/ddpm", help="run folder with grid_epochNNN.png (default: runs/ddpm)")
     p.add_argument("--epochs", default="1,5,10,20,30,50", help="epochs to show (default: 1,5,10,20,30,50)")
-    p.add_argument("--n", type=int_in(1, 8), default=8, help="samples per row (default: 8)")
+    p.add_argument("--n", type=int_in(1, 8), default=8,
+                   help="samples per row, at most what the grids hold (default: 8)")
     p.add_argument("--out", default="samples/progress.png", help="picture path (default: samples/progress.png)")
     p.set_defaults(func=cmd_progress)
 
@@ -1457,7 +1706,7 @@ def add_export_parser(sub):
                        description="Write the EMA weights in float16 with the config, nothing else (no "
                                    "optimizer, no raw weights): a quarter of the checkpoint's size. Every "
                                    "command that takes --ckpt reads it.")
-    p.add_argument("--ckpt", default="runs/ddpm/ckpt.pt", help="checkpoint to export (default: runs/ddpm/ckpt.pt)")
+    p.add_argument("--ckpt", default=str(DEFAULT_CKPT), help=f"checkpoint to export (default: {DEFAULT_CKPT})")
     p.add_argument("--out", default="samples/ema_fp16.pt", help="file to write (default: samples/ema_fp16.pt)")
     p.set_defaults(func=cmd_export)
 
@@ -1474,10 +1723,12 @@ def build_parser():
 
 
 # --- subcommands --------------------------------------------------------------
+# Each checks everything it can before slow work starts or any file is written.
 
 
 def train_config(args):
-    """The preset, overlaid with the flags given; on --resume, the checkpoint's config."""
+    """The preset, overlaid with the flags given; on --resume, the checkpoint's config.
+    Returns the config and the checkpoint to resume from (read once, here)."""
     given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     ckpt_path = Path(args.run_dir) / "ckpt.pt"
     if args.resume and args.overwrite:
@@ -1485,92 +1736,71 @@ def train_config(args):
     if args.resume:
         if not ckpt_path.exists():
             raise UserError(f"--resume: there is no {ckpt_path} to resume from")
-        saved = config_from_dict(load_checkpoint(ckpt_path, "--resume")["config"])
+        ckpt = load_checkpoint(ckpt_path, "--resume")
+        check_resumable(ckpt, ckpt_path)
+        saved = config_from_dict(ckpt["config"])
         for k, v in given.items():
             if k != "epochs" and v != getattr(saved, k):
                 raise UserError(f"--{k.replace('_', '-')} {v}: differs from the checkpoint's {getattr(saved, k)}; "
                                 "a resumed run keeps its config (only --epochs may change)")
-        return replace(saved, **{k: v for k, v in given.items() if k == "epochs"})
+        return replace(saved, **{k: v for k, v in given.items() if k == "epochs"}), ckpt
     if ckpt_path.exists() and not args.overwrite:
         raise UserError(f"--run-dir {args.run_dir}: already holds a checkpoint; add --resume to continue it "
                         "or --overwrite to start over")
-    return replace(PRESETS[args.preset], **given)
+    return replace(PRESETS[args.preset], **given), None
 
 
 def cmd_train(args):
-    cfg = train_config(args)
+    cfg, ckpt = train_config(args)
     device = resolve_device(args.device)
     check_run_dir(args.run_dir)
-    train(cfg, args.run_dir, device, resume=args.resume, max_steps=args.max_steps, max_minutes=args.max_minutes,
-          ckpt_every=args.ckpt_every, compile=args.compile, data_dir=args.data_dir)
+    set_fast_math(device)
+    torch.manual_seed(cfg.seed)                              # the initial weights
+    train(cfg, Run(args.run_dir, device, args.data_dir, ckpt, args.max_steps, args.max_minutes,
+                   args.ckpt_every, args.compile))
 
 
-def sampler_steps(args, T):
+def sampler_from_args(args, T):
+    """The Sampler the flags ask for; DDPM takes all T steps and has no eta."""
     if args.sampler == "ddpm":
         if args.steps not in (None, T):
             raise UserError(f"--steps {args.steps}: DDPM always takes all T={T} steps; use --sampler ddim for fewer")
         if args.eta:
             raise UserError("--eta: only DDIM has eta; DDPM's noise is fixed by the posterior variance")
-        return T
-    return 50 if args.steps is None else args.steps
+        return Sampler("ddpm", T, 0.0, not args.no_clip)
+    return Sampler("ddim", DDIM_STEPS if args.steps is None else args.steps, args.eta, not args.no_clip)
 
 
-def load_for_sampling(args):
-    """The checks every sampling command shares, then the model on its device."""
+def load_for_sampling(args, ckpt_path):
+    """The checks every sampling command shares, then the model, ready to call, on its device."""
     device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.ckpt)
-    model, cfg = model_from_checkpoint(ckpt, getattr(args, "weights", "ema"))
-    schedule = make_schedule(cfg).to(device)
-    return model.to(device), schedule, device, use_bf16(device, args.precision)
+    model, cfg = model_from_checkpoint(load_checkpoint(ckpt_path), getattr(args, "weights", "ema"))
+    eps_model = with_autocast(model.to(device), device, use_bf16(device, args.precision))
+    return eps_model, make_schedule(cfg).to(device), cfg
 
 
 def cmd_sample(args):
     if args.gif and args.format != "png":
         raise UserError("--gif: writes a GIF; leave --format at png")
-    steps = sampler_steps(args, DEFAULTS.T)
+    sampler = sampler_from_args(args, DEFAULTS.T)
     ext = ".gif" if args.gif else {"png": ".png", "npz": ".npz", "png-dir": ""}[args.format]
-    out = args.out or f"samples/{args.sampler}_{steps}{ext}"
+    out = args.out or f"samples/{sampler.name}_{sampler.steps}{ext}"
     if ext and Path(out).suffix.lower() != ext:
         raise UserError(f"--out {out}: with {'--gif' if args.gif else '--format ' + args.format} the file must end in {ext}")
     check_out("--out", out, folder=args.format == "png-dir")
-    model, schedule, device, bf16 = load_for_sampling(args)
-    t0 = time.time()
+    eps_model, schedule, cfg = load_for_sampling(args, checkpoint_to_sample(args.ckpt))
+    device, t0 = schedule.betas.device, time.time()
     if args.gif:
-        x_T = torch.randn(args.n, 1, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(args.seed)).to(device)
-        frames = denoising_gif(model, schedule, x_T, args.sampler, steps, args.eta,
-                               torch.Generator(device).manual_seed(args.seed + 1), bf16)
+        x_T = torch.randn(args.n, *image_shape(cfg), generator=torch.Generator().manual_seed(args.seed)).to(device)
+        frames = denoising_gif(eps_model, schedule, x_T, sampler, torch.Generator(device).manual_seed(args.seed + 1))
         save_gif(frames, out)
-        print(f"wrote {out}: {len(frames)} frames, {args.sampler} {steps} steps, {time.time() - t0:.1f} s")
+        print(f"wrote {out}: {len(frames)} frames, {sampler.name} {sampler.steps} steps, {time.time() - t0:.1f} s")
         return
-    images = generate(model, schedule, args.n, args.sampler, steps, args.eta, args.seed, args.batch_size,
-                      device, bf16, not args.no_clip, progress=True)
+    images = generate(eps_model, schedule, sampler, (args.n, *image_shape(cfg)), args.seed, args.batch_size)
     dt = time.time() - t0
     write_samples(images, out, args.format)
-    print(f"wrote {out}: {args.n} samples, {args.sampler} {steps} steps, {dt:.1f} s on {device} "
+    print(f"wrote {out}: {args.n} samples, {sampler.name} {sampler.steps} steps, {dt:.1f} s on {device} "
           f"({1e3 * dt / args.n:.1f} ms per sample)")
-
-
-def write_samples(images, out, fmt):
-    if fmt == "png":
-        save_png(grid_image(images, nrow=max(1, round(math.sqrt(len(images))))), out)
-    elif fmt == "npz":
-        atomic_write(out, lambda f: np.savez_compressed(f, images=images.numpy()))
-    else:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        for i, im in enumerate(images):
-            save_png(to_image(im), Path(out) / f"{i:06d}.png")
-
-
-def read_samples(path):
-    """uint8 (N, 28, 28) from an .npz with an 'images' array; one clear line if it is not."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            a = z["images"] if "images" in z.files else z[z.files[0]]
-    except Exception as e:
-        raise UserError(f"--samples {path}: not a readable .npz ({type(e).__name__})") from None
-    if a.ndim != 3 or a.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or a.dtype != np.uint8 or len(a) < 2:
-        raise UserError(f"--samples {path}: holds {a.dtype} {tuple(a.shape)}; need uint8 (N, 28, 28) with N >= 2")
-    return torch.from_numpy(a.copy())
 
 
 def report_table(r):
@@ -1589,42 +1819,54 @@ def report_table(r):
         f"(copies would show here)"])
 
 
+def evaluate_out(args, ckpt_path):
+    """Where the report goes: --out, else beside what was scored. The committed weights'
+    folder is the project's, so their report goes to the current folder instead."""
+    if args.out:
+        return Path(args.out)
+    if args.samples:
+        return Path(args.samples).with_name("evaluate.json")
+    return Path("evaluate.json") if ckpt_path == SHIPPED_CKPT else ckpt_path.with_name("evaluate.json")
+
+
 def cmd_evaluate(args):
-    steps = sampler_steps(args, DEFAULTS.T)
-    out = Path(args.out) if args.out else Path(args.samples if args.samples and not Path(args.ckpt).exists()
-                                                 else args.ckpt).with_name("evaluate.json")
+    sampler = sampler_from_args(args, DEFAULTS.T)
+    ckpt_path = None if args.samples else checkpoint_to_sample(args.ckpt)
+    out = evaluate_out(args, ckpt_path)
     check_out("--out", out)
     device = resolve_device(args.device)
     if args.samples:
-        samples, how = read_samples(args.samples), f"read from {args.samples}"
+        samples = read_samples(args.samples)
+        source = dict(samples_from=f"read from {args.samples}", samples_file=str(args.samples))
     else:
-        model, schedule, device, bf16 = load_for_sampling(args)
+        eps_model, schedule, cfg = load_for_sampling(args, ckpt_path)
         load_mnist(args.data_dir, train=True)                 # fail now, not after sampling
         t0 = time.time()
-        samples = generate(model, schedule, args.n, args.sampler, steps, args.eta, args.seed, args.batch_size,
-                           device, bf16, not args.no_clip, progress=True)
-        how = f"{args.sampler} {steps} steps, eta {args.eta}, {time.time() - t0:.0f} s on {device}"
+        samples = generate(eps_model, schedule, sampler, (args.n, *image_shape(cfg)), args.seed, args.batch_size)
+        source = dict(samples_from=f"{sampler.name} {sampler.steps} steps, eta {sampler.eta}, "
+                                   f"{time.time() - t0:.0f} s on {device}", ckpt=str(ckpt_path))
     clf, cache = classifier_cache(args.classifier, args.data_dir, device)
     r = evaluate_samples(samples, clf, cache, args.data_dir, device, args.seed)
-    r.update(samples_from=how, ckpt=str(args.ckpt))
+    r.update(source)
     print(report_table(r))
     save_text(json.dumps(r, indent=2) + "\n", out)
     print(f"wrote {out}")
 
 
-COMPARE = (("DDPM 1000", "ddpm", 1000, 0.0), ("DDIM 10", "ddim", 10, 0.0), ("DDIM 20", "ddim", 20, 0.0),
-           ("DDIM 50", "ddim", 50, 0.0), ("DDIM 100", "ddim", 100, 0.0), ("DDIM 50, eta 1", "ddim", 50, 1.0))
+COMPARE = (("DDPM 1000", Sampler("ddpm", 1000)), ("DDIM 10", Sampler("ddim", 10)),
+           ("DDIM 20", Sampler("ddim", 20)), ("DDIM 50", Sampler("ddim", 50)),
+           ("DDIM 100", Sampler("ddim", 100)), ("DDIM 50, eta 1", Sampler("ddim", 50, eta=1.0)))
 
 
 def cmd_compare(args):
     check_out("--out", args.out)
-    model, schedule, device, bf16 = load_for_sampling(args)
+    eps_model, schedule, cfg = load_for_sampling(args, checkpoint_to_sample(args.ckpt))
+    device = schedule.betas.device
     clf, cache = classifier_cache(args.classifier, args.data_dir, device)
     rows, firsts = [], []
-    for name, sampler, steps, eta in COMPARE:
+    for name, sampler in COMPARE:
         t0 = time.time()
-        images = generate(model, schedule, args.n, sampler, steps, eta, args.seed, args.batch_size, device, bf16,
-                          progress=True)
+        images = generate(eps_model, schedule, sampler, (args.n, *image_shape(cfg)), args.seed, args.batch_size)
         dt = time.time() - t0
         feats, probs = classify(clf, images, device)
         rows.append(dict(sampler=name, fid=frechet_distance(*gaussian_fit(feats), cache["test_mu"], cache["test_sigma"]),
@@ -1649,17 +1891,16 @@ def cmd_forward(args):
     check_out("--out", args.out)
     images, _ = load_mnist(args.data_dir, train=True)
     idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:args.n]
-    save_png(forward_picture(images[idx], NoiseSchedule(), seed=args.seed), args.out)
+    save_png(forward_picture(images[idx], make_schedule(DEFAULTS), seed=args.seed), args.out)
     print(f"wrote {args.out}: {args.n} digits at t = {', '.join(map(str, FORWARD_T))}")
 
 
 def cmd_interpolate(args):
     check_out("--out", args.out)
-    model, schedule, device, bf16 = load_for_sampling(args)
-    x_T = interpolation_noise(args.rows, args.cols, args.seed).to(device)
-    with autocast(device, bf16):
-        x0 = ddim_sample(model, schedule, x_T, steps=args.steps)        # eta = 0: a function of x_T
-    cells = to_uint8(x0).cpu().view(args.rows, args.cols, IMAGE_SIZE, IMAGE_SIZE)
+    eps_model, schedule, cfg = load_for_sampling(args, checkpoint_to_sample(args.ckpt))
+    x_T = interpolation_noise(args.rows, args.cols, args.seed, image_shape(cfg)).to(schedule.betas.device)
+    x0 = ddim_sample(eps_model, schedule, x_T, steps=args.steps)        # eta = 0: a function of x_T
+    cells = to_uint8(x0).cpu().view(args.rows, args.cols, *image_shape(cfg)[1:])
     save_png(labeled_grid(cells), args.out)
     print(f"wrote {args.out}: {args.rows} rows of {args.cols}, DDIM {args.steps} steps")
 

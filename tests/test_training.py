@@ -93,7 +93,8 @@ def test_bf16_and_fp32_training_give_the_same_losses():
         ema = copy.deepcopy(base)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         g = torch.Generator().manual_seed(2)
-        runs[bf16] = [dm.train_step(model, model, ema, opt, s, x0, g, bf16, n, cfg).item() for n in range(5)]
+        parts = dm.Parts(s, model, ema, opt, dm.with_autocast(model, torch.device("cpu"), bf16))
+        runs[bf16] = [dm.train_step(parts, x0, g, n, cfg).item() for n in range(5)]
     for a, b in zip(runs[False], runs[True]):
         assert abs(a - b) < 0.02 * a, runs
     assert runs[False] != runs[True]          # bf16 really ran
