@@ -429,14 +429,15 @@ def min_snr_weight(schedule, t, gamma):
     """Extension, min-SNR-gamma weighting (Hang et al. 2023): for eps-prediction the loss
     at t is scaled by min(SNR_t, gamma) / SNR_t, SNR_t = alpha_bar_t / (1 - alpha_bar_t).
     It turns down the many nearly clean timesteps, whose gradients fight the noisy ones."""
-    snr = schedule.alphas_cumprod[t] / (1 - schedule.alphas_cumprod[t])
+    snr = schedule.sqrt_recipm1_alphas_cumprod[t] ** -2   # from float64: 1 - alpha_bar_t in float32 loses digits
     return snr.clamp(max=gamma) / snr
 
 
 def lr_at(step, cfg, total):
     """The learning rate at a 0-based step: constant, as the case study; or, a short-run
     lever, a linear warm-up over cfg.warmup_steps and a cosine decay to 0 at `total`.
-    A function of the step alone, so a resumed run needs no scheduler state."""
+    A function of the step alone, so a resumed run needs no scheduler state. The horizon
+    comes from --epochs: --max-steps and --max-minutes stop a run early but do not bend it."""
     if cfg.lr_schedule == "constant":
         return cfg.lr
     if step < cfg.warmup_steps:
@@ -520,7 +521,8 @@ def train(cfg, run):
     p = build(cfg, run.device, run.compile)
     gen = torch.Generator(run.device).manual_seed(cfg.seed)  # draws every t and eps
     start = run.begin(cfg, p, gen, steps_per_epoch)         # 0, or the step a checkpoint saved
-    total = run.total_steps
+    total = run.total_steps                                 # the planned steps, or fewer with --max-steps
+    horizon = cfg.epochs * steps_per_epoch                  # where a decaying lr reaches 0
     for step in range(start, total + 1):
         last_step = step == total or (step > start and run.should_stop())
         if step > start:
@@ -532,7 +534,7 @@ def train(cfg, run):
             batches = epoch_batches(len(data), cfg.batch_size, cfg.seed, epoch).to(run.device)
         x0 = to_model_range(data[batches[i]])               # (B, 1, 28, 28) in [-1, 1]
         for group in p.opt.param_groups:
-            group["lr"] = lr_at(step, cfg, total)
+            group["lr"] = lr_at(step, cfg, horizon)
         run.record(train_step(p, x0, gen, step, cfg))
     run.finish(step)
     return p

@@ -111,6 +111,9 @@ BAD = [
     ("train", "--channels", "a,b,c,d"),
     ("train", "--ema-decay", "1.5"),
     ("train", "--max-steps", "0"),
+    ("train", "--schedule", "quadratic"),
+    ("train", "--lr-schedule", "step"),
+    ("train", "--min-snr-gamma", "-1"),
     ("train", "--run-dir", "runs/ddpm"),                     # has a checkpoint: needs --resume
     ("train", "--run-dir", "empty", "--resume"),
     ("train", "--run-dir", "runs/ddpm", "--resume", "--overwrite"),

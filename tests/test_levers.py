@@ -1,0 +1,161 @@
+"""The short-run levers and the cosine schedule, each against its formula written out
+independently, and each off by default so the case study's recipe is unchanged."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import ddpm_mnist as dm
+from conftest import TINY_ARGS
+from test_samplers import stand_in
+from test_schedule import numpy_schedule
+
+
+# --- the cosine schedule (Nichol & Dhariwal 2021, Eq. 17) ---------------------------
+
+def numpy_cosine_alpha_bar(T=1000, s=0.008):
+    t = np.arange(T + 1) / T
+    f = np.cos((t + s) / (1 + s) * np.pi / 2) ** 2
+    return f / f[0]                                   # alpha_bar(0) = 1 .. alpha_bar(T)
+
+
+def test_cosine_alpha_bar_follows_the_closed_form():
+    s = dm.NoiseSchedule(schedule="cosine")
+    abar = numpy_cosine_alpha_bar()
+    beta = np.minimum(1 - abar[1:] / abar[:-1], 0.999)
+    want = np.cumprod(1 - beta)                       # what the clipped betas give
+    np.testing.assert_allclose(s.alphas_cumprod.numpy(), want, rtol=2e-6, atol=1e-12)
+    # only the last few betas are clipped, so alpha_bar is the closed form until there
+    np.testing.assert_allclose(s.alphas_cumprod[:990].numpy(), abar[1:991], rtol=2e-6)
+
+
+def test_cosine_betas_are_capped_and_alpha_bar_falls_strictly():
+    s = dm.NoiseSchedule(schedule="cosine")
+    assert s.betas.max().item() <= 0.999 + 1e-7 and s.betas.min().item() > 0
+    assert (s.alphas_cumprod[1:] < s.alphas_cumprod[:-1]).all()
+    assert s.alphas_cumprod_prev[0] == 1.0 and s.posterior_variance[0] == 0.0
+    # the cosine schedule keeps more signal in the middle: sqrt(alpha_bar) at t = 600
+    lin = dm.NoiseSchedule()
+    assert s.sqrt_alphas_cumprod[599] > 2 * lin.sqrt_alphas_cumprod[599]
+
+
+def test_q_sample_moments_under_cosine():
+    s = dm.NoiseSchedule(schedule="cosine")
+    abar = numpy_cosine_alpha_bar()[1:]
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.full((40000, 1, 2, 2), -0.4)
+    for t in (0, 300, 700, 990):
+        x_t = s.q_sample(x0, torch.full((len(x0),), t), torch.randn(x0.shape, generator=g))
+        want_mean, want_var = np.sqrt(abar[t]) * -0.4, 1 - abar[t]
+        assert abs(x_t.mean().item() - want_mean) < 4 * np.sqrt(want_var / x_t.numel()) + 1e-6, t
+        assert abs(x_t.var().item() - want_var) < 0.03 * want_var + 1e-7, t
+
+
+def test_ddim_eta1_over_all_steps_is_ddpm_under_cosine_too():
+    s = dm.NoiseSchedule(schedule="cosine")
+    x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    a = dm.ddpm_sample(stand_in, s, x_T, generator=torch.Generator().manual_seed(5))
+    b = dm.ddim_sample(stand_in, s, x_T, steps=1000, eta=1.0, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_linear_schedule_buffers_are_the_papers():
+    """Bitwise: the linear betas are torch.linspace in float64, cast once."""
+    s = dm.make_schedule(dm.Config())
+    want = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    assert torch.equal(s.betas, want.float())
+    assert torch.equal(s.alphas_cumprod, torch.cumprod(1 - want, 0).float())
+    np.testing.assert_allclose(s.alphas_cumprod.numpy(), numpy_schedule()["alphas_cumprod"], rtol=2e-6)
+
+
+def test_a_cosine_checkpoint_samples_with_the_cosine_schedule(mnist_dir, tmp_path):
+    run = tmp_path / "cos"
+    dm.main(["train", *TINY_ARGS, "--grid-n", "0", "--epochs", "1", "--schedule", "cosine",
+             "--data-dir", str(mnist_dir), "--run-dir", str(run)])
+    ckpt = dm.load_checkpoint(run / "ckpt.pt")
+    model, cfg = dm.model_from_checkpoint(ckpt)
+    assert cfg.schedule == "cosine"
+    s = dm.make_schedule(cfg)
+    np.testing.assert_allclose(s.alphas_cumprod[:990].numpy(), numpy_cosine_alpha_bar()[1:991], rtol=2e-6)
+    out = tmp_path / "s.npz"
+    dm.main(["sample", "--ckpt", str(run / "ckpt.pt"), "--steps", "3", "--n", "2", "--format", "npz",
+             "--out", str(out), "--device", "cpu"])
+    # the same first step by hand, with the cosine alpha_bar: DDIM from index 999 to 666
+    x_T = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with np.load(out) as z:
+        assert z["images"].shape == (2, 28, 28)
+    step1 = dm.ddim_step(s, x_T, torch.full((2,), 999), torch.full((2,), 666),
+                         model(x_T, torch.full((2,), 999)))[0]
+    lin = dm.NoiseSchedule()
+    step1_lin = dm.ddim_step(lin, x_T, torch.full((2,), 999), torch.full((2,), 666),
+                             model(x_T, torch.full((2,), 999)))[0]
+    assert not torch.allclose(step1, step1_lin)      # the schedule really changes sampling
+
+
+# --- the learning-rate schedule -------------------------------------------------------
+
+def test_lr_warmup_and_cosine_decay_by_hand():
+    cfg = dm.Config(lr=1e-3, lr_schedule="cosine", warmup_steps=100)
+    total = 1100
+    assert dm.lr_at(0, cfg, total) == pytest.approx(1e-5)          # 1/100 of the way up
+    assert dm.lr_at(99, cfg, total) == pytest.approx(1e-3)         # warm-up ends at the full lr
+    assert dm.lr_at(600, cfg, total) == pytest.approx(0.5e-3)      # half-way down the cosine
+    assert dm.lr_at(100 + 250, cfg, total) == pytest.approx(1e-3 * (1 + math.cos(math.pi / 4)) / 2)
+    assert dm.lr_at(1100, cfg, total) == pytest.approx(0.0, abs=1e-12)
+    lrs = [dm.lr_at(k, cfg, total) for k in range(100, 1100)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    const = dm.Config(lr=2e-4)
+    assert {dm.lr_at(k, const, total) for k in (0, 50, 600, 1099)} == {2e-4}
+
+
+def test_the_case_studys_recipe_keeps_its_levers_off():
+    cfg = dm.PRESETS["paper"]
+    assert (cfg.lr_schedule, cfg.warmup_steps, cfg.min_snr_gamma, cfg.schedule) == ("constant", 0, 0.0, "linear")
+
+
+# --- min-SNR-gamma weighting (Hang et al. 2023) ----------------------------------------
+
+def test_min_snr_weight_against_numpy():
+    s = dm.NoiseSchedule()
+    abar = numpy_schedule()["alphas_cumprod"]
+    t = torch.tensor([0, 50, 200, 400, 999])
+    snr = abar[t.numpy()] / (1 - abar[t.numpy()])
+    want = np.minimum(snr, 5.0) / snr
+    np.testing.assert_allclose(dm.min_snr_weight(s, t, 5.0).numpy(), want, rtol=1e-4)
+    assert want[0] < 1e-3 and want[-1] == 1.0          # clean steps turned down, noisy ones kept
+
+
+def test_weighted_loss_by_hand_and_plain_mse_when_off():
+    s = dm.NoiseSchedule()
+    x0 = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    model = lambda x, t: 0.5 * x
+    plain = dm.diffusion_loss(model, s, x0, torch.Generator().manual_seed(3))
+    off = dm.diffusion_loss(model, s, x0, torch.Generator().manual_seed(3), min_snr_gamma=0.0)
+    assert torch.equal(plain, off)
+    weighted = dm.diffusion_loss(model, s, x0, torch.Generator().manual_seed(3), min_snr_gamma=5.0)
+    g = torch.Generator().manual_seed(3)                # replay the draws by hand
+    t = torch.randint(0, 1000, (6,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    abar = numpy_schedule()["alphas_cumprod"][t.numpy()]
+    x_t = np.sqrt(abar)[:, None, None, None] * x0.double().numpy() + np.sqrt(1 - abar)[:, None, None, None] * eps.double().numpy()
+    per_image = ((0.5 * x_t - eps.double().numpy()) ** 2).mean(axis=(1, 2, 3))
+    snr = abar / (1 - abar)
+    assert weighted.item() == pytest.approx((np.minimum(snr, 5) / snr * per_image).mean(), rel=1e-4)
+    assert plain.item() == pytest.approx(per_image.mean(), rel=1e-4)
+
+
+# --- exact resume with every lever on ---------------------------------------------------
+
+def test_a_run_with_the_levers_resumes_bitwise(mnist_dir, tmp_path):
+    args = [*TINY_ARGS, "--grid-n", "0", "--epochs", "3", "--lr-schedule", "cosine", "--warmup-steps", "5",
+            "--min-snr-gamma", "5", "--schedule", "cosine", "--data-dir", str(mnist_dir)]
+    dm.main(["train", *args, "--run-dir", str(tmp_path / "ref")])
+    dm.main(["train", *args, "--run-dir", str(tmp_path / "cut"), "--max-steps", "11"])
+    dm.main(["train", "--run-dir", str(tmp_path / "cut"), "--resume", "--data-dir", str(mnist_dir), "--device", "cpu"])
+    a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("ref", "cut"))
+    assert a["step"] == b["step"] == 24
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert a["opt"]["param_groups"][0]["lr"] == b["opt"]["param_groups"][0]["lr"]
