@@ -24,6 +24,7 @@ sampling to files, evaluation, pictures, bench and the command line.
     python ddpm_mnist.py compare                    # DDPM-1000 vs DDIM-10..100
     python ddpm_mnist.py bench                      # throughput, FLOPs, sampling time
     python ddpm_mnist.py forward                    # one digit at growing noise levels
+    python ddpm_mnist.py schedule                   # linear vs cosine: curves and noised digits
     python ddpm_mnist.py interpolate                # morph between two starting noises
     python ddpm_mnist.py progress --run-dir runs/ddpm  # the per-epoch grids in one picture
     python ddpm_mnist.py export                     # EMA weights in fp16 -> samples/ema_fp16.pt
@@ -97,6 +98,7 @@ PRESETS = {
     "cpu": Config(channels=(32, 64, 128, 128), batch_size=64, epochs=5, lr=1e-3, ema_decay=0.999, preset="cpu"),
 }
 IMAGE_SHAPES = {"mnist": (1, 28, 28)}   # (C, H, W) of each data set's images
+SCHEDULES = ("linear", "cosine")
 GROUPS = 8                       # GroupNorm groups, so every width must divide by 8
 DDIM_STEPS = 50                  # the case study's fast sampler: 50 of the T steps
 
@@ -413,16 +415,19 @@ def to_uint8(x):
 
 
 def diffusion_loss(eps_model, schedule, x0, generator, min_snr_gamma=0.0):
-    """Alg. 1: t ~ Uniform, eps ~ N(0, I), loss = || eps - eps_theta(x_t, t) ||^2."""
+    """Alg. 1: t ~ Uniform, eps ~ N(0, I), loss = || eps - eps_theta(x_t, t) ||^2.
+    Also returns each image's t and squared error, detached, for the loss-by-noise-level log."""
     B = x0.shape[0]
     t = torch.randint(0, schedule.T, (B,), device=x0.device, generator=generator)  # paper's 1..T
     eps = torch.randn(x0.shape, device=x0.device, generator=generator)
     x_t = schedule.q_sample(x0, t, eps)
     eps_theta = eps_model(x_t, t)
-    if not min_snr_gamma:
-        return F.mse_loss(eps_theta, eps)
     per_image = (eps_theta - eps).pow(2).mean(dim=(1, 2, 3))           # (B,)
-    return (min_snr_weight(schedule, t, min_snr_gamma) * per_image).mean()
+    if not min_snr_gamma:
+        loss = F.mse_loss(eps_theta, eps)
+    else:
+        loss = (min_snr_weight(schedule, t, min_snr_gamma) * per_image).mean()
+    return loss, t, per_image.detach()
 
 
 def min_snr_weight(schedule, t, gamma):
@@ -501,13 +506,14 @@ def build(cfg, device, compile=False):
 
 
 def train_step(p, x0, generator, step, cfg):
-    """One optimizer step and one EMA update; returns the loss as a 0-d device tensor."""
-    loss = diffusion_loss(p.eps_model, p.schedule, x0, generator, cfg.min_snr_gamma)
+    """One optimizer step and one EMA update; returns the loss (a 0-d device tensor),
+    and each image's t and error for the log."""
+    loss, t, per_image = diffusion_loss(p.eps_model, p.schedule, x0, generator, cfg.min_snr_gamma)
     p.opt.zero_grad(set_to_none=True)
     loss.backward()
     p.opt.step()
     ema_update(list(p.ema.parameters()), list(p.model.parameters()), ema_decay_at(step, cfg.ema_decay))
-    return loss.detach()
+    return loss.detach(), t, per_image
 
 
 def train(cfg, run):
@@ -535,7 +541,7 @@ def train(cfg, run):
         x0 = to_model_range(data[batches[i]])               # (B, 1, 28, 28) in [-1, 1]
         for group in p.opt.param_groups:
             group["lr"] = lr_at(step, cfg, horizon)
-        run.record(train_step(p, x0, gen, step, cfg))
+        run.record(*train_step(p, x0, gen, step, cfg))
     run.finish(step)
     return p
 
@@ -813,7 +819,9 @@ def restore(ckpt, p, gen):
     p.ema.load_state_dict(ckpt["ema"])
     p.opt.load_state_dict(ckpt["opt"])
     gen.set_state(ckpt["rng"])
-    return ckpt["step"], {k: ckpt[k] for k in ("epoch_loss_sum", "history", "seconds")}
+    state = {k: ckpt[k] for k in ("epoch_loss_sum", "history", "seconds")}
+    state.update({k: ckpt.get(k, [0.0] * NOISE_BINS) for k in ("bin_loss_sums", "bin_counts")})  # older runs: none
+    return ckpt["step"], state
 
 
 # -----------------------------------------------------------------------------
@@ -836,12 +844,23 @@ def check_finite(recent, first_step):
         raise NonFiniteLoss(first_step + int(bad[0]) + 1)          # steps count from 1
 
 
-def write_loss_csv(history, path):
+# The loss by noise level, as improved-diffusion logs it: the mean loss of the steps whose
+# t fell in each quarter of 1..T. Where the error sits, and which quarter training still
+# improves, is what a schedule changes.
+NOISE_BINS = 4
+
+
+def bin_names(T):
+    return [f"loss_t{b * T // NOISE_BINS + 1}-{(b + 1) * T // NOISE_BINS}" for b in range(NOISE_BINS)]
+
+
+def write_loss_csv(history, path, T):
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
-    w.writerow(["epoch", "step", "mean_loss", "seconds"])
+    w.writerow(["epoch", "step", "mean_loss", "seconds", *bin_names(T)])
     for row in history:
-        w.writerow([row["epoch"], row["step"], f"{row['mean_loss']:.6f}", f"{row['seconds']:.1f}"])
+        by_t = [f"{v:.6f}" for v in row.get("loss_by_t", [])]  # absent in runs from older versions
+        w.writerow([row["epoch"], row["step"], f"{row['mean_loss']:.6f}", f"{row['seconds']:.1f}", *by_t])
     save_text(out.getvalue(), path)
 
 
@@ -876,8 +895,9 @@ class Run:
         self.cfg, self.steps_per_epoch = cfg, steps_per_epoch
         self.run_dir, self.ckpt_path = Path(self.run_dir), Path(self.run_dir) / "ckpt.pt"
         self.total_steps = min(self.max_steps or math.inf, cfg.epochs * steps_per_epoch)
-        step, self.state = restore(self.ckpt, p, gen) if self.ckpt else (0, dict(epoch_loss_sum=0.0, history=[],
-                                                                                 seconds=0.0))
+        fresh = dict(epoch_loss_sum=0.0, history=[], seconds=0.0, bin_loss_sums=[0.0] * NOISE_BINS,
+                     bin_counts=[0.0] * NOISE_BINS)
+        step, self.state = restore(self.ckpt, p, gen) if self.ckpt else (0, fresh)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_text(json.dumps(asdict(cfg), indent=2) + "\n", self.run_dir / "config.json")
         print(f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}; device {self.device}, "
@@ -890,6 +910,8 @@ class Run:
         self.t_start, self.seconds0 = time.time(), self.state["seconds"]
         self.recent, self.recent_from = [], step     # losses not yet checked: a check syncs with the GPU
         self.loss_sum = torch.tensor(self.state["epoch_loss_sum"], device=self.device)
+        self.bin_loss_sums = torch.tensor(self.state["bin_loss_sums"], device=self.device)
+        self.bin_counts = torch.tensor(self.state["bin_counts"], device=self.device)
         self.bar = progress_bar(total=self.total_steps, initial=step, unit="step")
         # Ctrl-C sets a flag instead of killing mid-step, so the loop can save and leave;
         # a second Ctrl-C kills as usual.
@@ -901,9 +923,12 @@ class Run:
         self.interrupted = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    def record(self, loss):
+    def record(self, loss, t, per_image):
         self.loss_sum += loss
         self.recent.append(loss)
+        bins = t * NOISE_BINS // self.cfg.T                     # (B,) in 0..3; index_add_, unlike
+        self.bin_loss_sums.index_add_(0, bins, per_image)       # bincount, never waits for the GPU
+        self.bin_counts.index_add_(0, bins, torch.ones_like(per_image))
 
     def should_stop(self):
         """Ctrl-C, or --max-minutes used up: either way the step just taken is saved."""
@@ -920,7 +945,8 @@ class Run:
         if end_of_epoch:
             self.end_epoch(step // self.steps_per_epoch, step, p)
         if save_now:  # written last, so a kill before it replays this epoch end exactly
-            self.state["epoch_loss_sum"] = self.loss_sum.item()
+            self.state.update(epoch_loss_sum=self.loss_sum.item(), bin_loss_sums=self.bin_loss_sums.tolist(),
+                              bin_counts=self.bin_counts.tolist())
             save_checkpoint(self.ckpt_path, self.cfg, p, step, dict(self.state, rng=gen.get_state()))
             self.last_good = step
 
@@ -942,10 +968,12 @@ class Run:
 
     def end_epoch(self, epoch, step, p):
         """The per-epoch outputs: a loss.csv row and a grid of EMA samples."""
+        by_t = (self.bin_loss_sums / self.bin_counts.clamp(min=1)).tolist()
         self.state["history"].append(dict(epoch=epoch, step=step, seconds=self.state["seconds"],
-                                          mean_loss=self.loss_sum.item() / self.steps_per_epoch))
-        self.loss_sum.zero_()
-        write_loss_csv(self.state["history"], self.run_dir / "loss.csv")
+                                          mean_loss=self.loss_sum.item() / self.steps_per_epoch, loss_by_t=by_t))
+        for total in (self.loss_sum, self.bin_loss_sums, self.bin_counts):
+            total.zero_()
+        write_loss_csv(self.state["history"], self.run_dir / "loss.csv", self.cfg.T)
         if self.cfg.grid_n:
             epoch_grid(p, self.cfg, self.run_dir / f"grid_epoch{epoch:03d}.png")
 
@@ -1244,6 +1272,70 @@ def forward_picture(images_uint8, schedule, ts=FORWARD_T, seed=0):
     return labeled_grid(torch.stack(cols, dim=1), col_labels=labels, scale=3)
 
 
+SCHEDULE_COLORS = {"linear": (31, 119, 180), "cosine": (230, 120, 20)}
+
+
+def line_plot(curves, title, size=(380, 240), margin=(46, 26, 14, 34)):
+    """A line chart drawn with Pillow: curves {name: (xs, ys)}, axes with ticks, a legend.
+    margin is (left, top, right, bottom) in pixels, room for the tick labels and title."""
+    W, H = size
+    ml, mt, mr, mb = margin
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    xs_all = [x for xs, _ in curves.values() for x in xs]
+    ys_all = [y for _, ys in curves.values() for y in ys]
+    x0, x1 = min(xs_all), max(xs_all)
+    y0, y1 = min(ys_all), max(ys_all)
+    px = lambda x: ml + (x - x0) / (x1 - x0) * (W - ml - mr)
+    py = lambda y: H - mb - (y - y0) / (y1 - y0) * (H - mt - mb)
+    d.rectangle([ml, mt, W - mr, H - mb], outline=(0, 0, 0))
+    for v in nice_ticks(y0, y1):
+        d.line([ml - 4, py(v), ml, py(v)], fill=(0, 0, 0))
+        d.text((2, py(v) - 6), f"{v:g}", fill=(0, 0, 0))
+    for v in nice_ticks(x0, x1):
+        d.line([px(v), H - mb, px(v), H - mb + 4], fill=(0, 0, 0))
+        d.text((px(v) - 10, H - mb + 6), f"{v:g}", fill=(0, 0, 0))
+    d.text((ml, 6), title, fill=(0, 0, 0))
+    d.text(((W + ml) // 2 - 4, H - 14), "t", fill=(0, 0, 0))
+    for k, (name, (xs, ys)) in enumerate(curves.items()):
+        d.line([(px(x), py(y)) for x, y in zip(xs, ys)], fill=SCHEDULE_COLORS.get(name, (0, 0, 0)), width=2)
+        lx, ly = W - mr - 90, mt + 8 + 14 * k                        # the legend, top right
+        d.line([lx, ly + 6, lx + 16, ly + 6], fill=SCHEDULE_COLORS.get(name, (0, 0, 0)), width=2)
+        d.text((lx + 20, ly), name, fill=(0, 0, 0))
+    return img
+
+
+def nice_ticks(lo, hi, n=5):
+    """About n round tick values between lo and hi: steps of 1, 2 or 5 times a power of 10."""
+    raw = (hi - lo) / n
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
+    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+
+def schedule_picture(images_uint8, schedules, seed=0):
+    """The schedules side by side: sqrt(alpha_bar_t) (how much digit is left) and
+    log SNR_t = log(alpha_bar_t / (1 - alpha_bar_t)) against the paper's t, and below
+    them the same digits noised under each schedule at the same t (one strip each)."""
+    t = list(range(1, schedules["linear"].T + 1))
+    signal = {k: (t, s.sqrt_alphas_cumprod.tolist()) for k, s in schedules.items()}
+    log_snr = {k: (t, (-2 * s.sqrt_recipm1_alphas_cumprod.double().log()).tolist()) for k, s in schedules.items()}
+    plots = [line_plot(signal, "sqrt(alpha_bar_t): the digit left in x_t"),
+             line_plot(log_snr, "log SNR_t = log(alpha_bar_t / (1 - alpha_bar_t))")]
+    strips = [(k, forward_picture(images_uint8, s, seed=seed).convert("RGB")) for k, s in schedules.items()]
+    W = max(sum(p.width for p in plots), max(s.width for _, s in strips))
+    label_h = 16
+    H = plots[0].height + sum(s.height + label_h for _, s in strips)
+    img = Image.new("RGB", (W, H), "white")
+    img.paste(plots[0], (0, 0))
+    img.paste(plots[1], (plots[0].width, 0))
+    y, d = plots[0].height, ImageDraw.Draw(img)
+    for name, strip in strips:
+        d.text((4, y + 2), f"{name} schedule: the same digits and noise (Eq. 4)", fill=SCHEDULE_COLORS[name])
+        img.paste(strip, (0, y + label_h))
+        y += strip.height + label_h
+    return img
+
+
 def frame_indices(num_steps, max_frames=50):
     """Which sampler iterations become GIF frames: all of them up to 50, else 50 spread
     evenly, always including the last."""
@@ -1382,7 +1474,7 @@ def bench(cfg, device, batch_size, reps=5, compile=False):
     phases = {"forward+loss": [], "backward": [], "optimizer": [], "ema": []}
     for _ in range(reps):
         box = {}
-        phases["forward+loss"].append(timed(lambda: box.update(loss=diffusion_loss(p.eps_model, p.schedule, x0, gen)),
+        phases["forward+loss"].append(timed(lambda: box.update(loss=diffusion_loss(p.eps_model, p.schedule, x0, gen)[0]),
                                             device))
         p.opt.zero_grad(set_to_none=True)
         phases["backward"].append(timed(lambda: box["loss"].backward(), device))
@@ -1585,7 +1677,7 @@ def add_train_parser(sub):
     add_precision(p, default=None)
     p.add_argument("--grid-n", type=int_in(0), help=f"EMA samples in each epoch's grid, 0 for none "
                                                     f"{preset_default('grid_n')}")
-    p.add_argument("--schedule", choices=("linear", "cosine"), help=f"noise schedule {preset_default('schedule')}")
+    p.add_argument("--schedule", choices=SCHEDULES, help=f"noise schedule {preset_default('schedule')}")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"),
                    help=f"constant, or warm-up then cosine decay to 0 {preset_default('lr_schedule')}")
     p.add_argument("--warmup-steps", type=int_in(0), help=f"linear lr warm-up steps {preset_default('warmup_steps')}")
@@ -1676,8 +1768,18 @@ def add_forward_parser(sub):
     add_data_dir(p)
     p.add_argument("--n", type=int_in(1, 16), default=4, help="digits, one per row (default: 4)")
     add_seed(p, "the choice of digits and the noise")
+    p.add_argument("--schedule", choices=SCHEDULES, default="linear", help="noise schedule (default: linear)")
     p.add_argument("--out", default="samples/forward.png", help="picture path (default: samples/forward.png)")
     p.set_defaults(func=cmd_forward)
+
+
+def add_schedule_parser(sub):
+    p = sub.add_parser("schedule", help="picture: the linear and cosine schedules, curves and noised digits")
+    add_data_dir(p)
+    p.add_argument("--n", type=int_in(1, 16), default=2, help="digits, one row each per schedule (default: 2)")
+    add_seed(p, "the choice of digits and the noise")
+    p.add_argument("--out", default="samples/schedule.png", help="picture path (default: samples/schedule.png)")
+    p.set_defaults(func=cmd_schedule)
 
 
 def add_interpolate_parser(sub):
@@ -1718,8 +1820,8 @@ def build_parser():
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_train_parser, add_sample_parser, add_evaluate_parser, add_compare_parser,
-                add_bench_parser, add_forward_parser, add_interpolate_parser, add_progress_parser,
-                add_export_parser):
+                add_bench_parser, add_forward_parser, add_schedule_parser, add_interpolate_parser,
+                add_progress_parser, add_export_parser):
         add(sub)
     return ap
 
@@ -1889,12 +1991,24 @@ def cmd_bench(args):
     bench(cfg, resolve_device(args.device), args.batch_size, args.reps, args.compile)
 
 
+def some_digits(args):
+    """--n training digits picked by --seed."""
+    images, _ = load_mnist(args.data_dir, train=True)
+    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:args.n]]
+
+
 def cmd_forward(args):
     check_out("--out", args.out)
-    images, _ = load_mnist(args.data_dir, train=True)
-    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:args.n]
-    save_png(forward_picture(images[idx], make_schedule(DEFAULTS), seed=args.seed), args.out)
-    print(f"wrote {args.out}: {args.n} digits at t = {', '.join(map(str, FORWARD_T))}")
+    schedule = make_schedule(replace(DEFAULTS, schedule=args.schedule))
+    save_png(forward_picture(some_digits(args), schedule, seed=args.seed), args.out)
+    print(f"wrote {args.out}: {args.n} digits at t = {', '.join(map(str, FORWARD_T))}, {args.schedule} schedule")
+
+
+def cmd_schedule(args):
+    check_out("--out", args.out)
+    schedules = {k: make_schedule(replace(DEFAULTS, schedule=k)) for k in SCHEDULES}
+    save_png(schedule_picture(some_digits(args), schedules, seed=args.seed), args.out)
+    print(f"wrote {args.out}: {', '.join(SCHEDULES)}; {args.n} digits at t = {', '.join(map(str, FORWARD_T))}")
 
 
 def cmd_interpolate(args):

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import ddpm_mnist as dm
+from PIL import Image
+
 from conftest import TINY_ARGS
 from test_samplers import stand_in
 from test_schedule import numpy_schedule
@@ -130,10 +132,10 @@ def test_weighted_loss_by_hand_and_plain_mse_when_off():
     s = dm.NoiseSchedule()
     x0 = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
     model = lambda x, t: 0.5 * x
-    plain = dm.diffusion_loss(model, s, x0, torch.Generator().manual_seed(3))
-    off = dm.diffusion_loss(model, s, x0, torch.Generator().manual_seed(3), min_snr_gamma=0.0)
+    plain = dm.diffusion_loss(model, s, x0, torch.Generator().manual_seed(3))[0]
+    off = dm.diffusion_loss(model, s, x0, torch.Generator().manual_seed(3), min_snr_gamma=0.0)[0]
     assert torch.equal(plain, off)
-    weighted = dm.diffusion_loss(model, s, x0, torch.Generator().manual_seed(3), min_snr_gamma=5.0)
+    weighted = dm.diffusion_loss(model, s, x0, torch.Generator().manual_seed(3), min_snr_gamma=5.0)[0]
     g = torch.Generator().manual_seed(3)                # replay the draws by hand
     t = torch.randint(0, 1000, (6,), generator=g)
     eps = torch.randn(x0.shape, generator=g)
@@ -159,3 +161,42 @@ def test_a_run_with_the_levers_resumes_bitwise(mnist_dir, tmp_path):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     assert a["opt"]["param_groups"][0]["lr"] == b["opt"]["param_groups"][0]["lr"]
+    # and the log: every column but the seconds, the loss by noise level included
+    strip = lambda r: [line.split(",")[:3] + line.split(",")[4:] for line in (tmp_path / r / "loss.csv").read_text().splitlines()]
+    assert strip("ref") == strip("cut")
+
+
+# --- the schedule made visible, and the loss by noise level ------------------------------
+
+def test_nice_ticks_are_round_and_inside():
+    assert dm.nice_ticks(0, 1) == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert dm.nice_ticks(1, 1000) == pytest.approx([200, 400, 600, 800, 1000])
+    assert dm.nice_ticks(-20, 10) == pytest.approx([-20, -15, -10, -5, 0, 5, 10])
+
+
+def test_schedule_picture_and_cosine_forward_strip(mnist_dir, tmp_path):
+    out = tmp_path / "schedule.png"
+    dm.main(["schedule", "--data-dir", str(mnist_dir), "--n", "1", "--out", str(out)])
+    img = np.array(Image.open(out).convert("RGB"))
+    for color in dm.SCHEDULE_COLORS.values():                       # both curves are drawn
+        assert (img == np.array(color)).all(axis=2).sum() > 500, color
+    dm.main(["forward", "--data-dir", str(mnist_dir), "--n", "1", "--out", str(tmp_path / "lin.png")])
+    dm.main(["forward", "--data-dir", str(mnist_dir), "--n", "1", "--schedule", "cosine",
+             "--out", str(tmp_path / "cos.png")])
+    lin, cos = (np.array(Image.open(tmp_path / f)) for f in ("lin.png", "cos.png"))
+    cell = 28 * 3 + 2
+    col = lambda a, c: a[2:2 + 84, 2 + c * cell: 2 + c * cell + 84].astype(float)
+    assert np.array_equal(col(lin, 7), col(lin, 7)) and not np.array_equal(col(lin, 4), col(cos, 4))
+    # at t = 400 the cosine schedule leaves more of the digit: closer to the clean column
+    assert np.abs(col(cos, 4) - col(cos, 0)).mean() < np.abs(col(lin, 4) - col(lin, 0)).mean()
+
+
+def test_loss_csv_has_the_loss_by_noise_level(tiny_run):
+    rows = (tiny_run / "loss.csv").read_text().splitlines()
+    head = rows[0].split(",")
+    assert head[4:] == ["loss_t1-250", "loss_t251-500", "loss_t501-750", "loss_t751-1000"]
+    for row in rows[1:]:
+        v = [float(x) for x in row.split(",")]
+        mean, by_t = v[2], v[4:]
+        assert all(x > 0 for x in by_t)
+        assert min(by_t) <= mean <= max(by_t)           # the epoch mean is a mix of the four
