@@ -43,7 +43,7 @@ import pickle
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np  # for .npz files and PIL conversions
@@ -414,12 +414,15 @@ def to_uint8(x):
 # Step 4c: training, Alg. 1.
 
 
-def diffusion_loss(eps_model, schedule, x0, generator, min_snr_gamma=0.0):
+def diffusion_loss(eps_model, schedule, x0, generator, min_snr_gamma=0.0, part=slice(None)):
     """Alg. 1: t ~ Uniform, eps ~ N(0, I), loss = || eps - eps_theta(x_t, t) ||^2.
     Also returns each image's t and squared error, detached, for the loss-by-noise-level log."""
     B = x0.shape[0]
     t = torch.randint(0, schedule.T, (B,), device=x0.device, generator=generator)  # paper's 1..T
     eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+    # Several processes each draw the whole batch's t and eps and keep their own share,
+    # so N processes take the same steps as one. With one process, part keeps everything.
+    x0, t, eps = x0[part], t[part], eps[part]
     x_t = schedule.q_sample(x0, t, eps)
     eps_theta = eps_model(x_t, t)
     per_image = (eps_theta - eps).pow(2).mean(dim=(1, 2, 3))           # (B,)
@@ -451,30 +454,46 @@ def lr_at(step, cfg, total):
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def use_bf16(device, precision):
-    """bf16 autocast on CUDA and on CPUs with native bf16 matmuls (AVX512-BF16, AMX)."""
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def choose_precision(device, precision="auto"):
+    """(autocast dtype or None for fp32, why). Weights, optimizer state and EMA stay
+    float32 whatever this says; only matmuls and convolutions run in lower precision."""
     if precision != "auto":
-        return precision == "bf16"
+        return AMP_DTYPES[precision], f"--precision {precision}"
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        major, minor = torch.cuda.get_device_capability(device)
+        cc = f"compute capability {major}.{minor}"
+        if major >= 8:
+            return torch.bfloat16, f"{cc} runs bf16 natively"
+        if major == 7:   # V100, T4: bf16 is emulated there (slow); fp16 tensor cores are not
+            return torch.float16, f"{cc} has fp16 tensor cores but only emulated bf16"
+        return None, f"{cc} has no tensor cores"
     if device.type == "cpu":
-        # a private oneDNN query: a CPU build without it (or one that fails) runs fp32
-        query = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
-        try:
-            return bool(query()) if query is not None else False
-        except Exception:
-            return False
-    return False
+        if cpu_has_bf16():
+            return torch.bfloat16, "this CPU runs bf16 natively (AVX512-BF16 or AMX)"
+        return None, "this CPU has no native bf16"
+    return None, f"fp32 on {device.type} (autocast there not measured)"
 
 
-def with_autocast(model, device, bf16):
-    """model(x, t) with its matmuls and convs in bf16 when bf16 is on, and a float32
-    result. Weights, optimizer state and EMA stay float32."""
-    if not bf16:
+def cpu_has_bf16():
+    # a private oneDNN query: a CPU build without it (or one where it fails) runs fp32
+    query = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(query()) if query is not None else False
+    except Exception:
+        return False
+
+
+def with_autocast(model, device, dtype):
+    """model(x, t) with its matmuls and convs in `dtype` (None: as is, fp32), and a
+    float32 result."""
+    if dtype is None:
         return model
 
     def eps_model(*args):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=dtype):
             return model(*args).float()
     return eps_model
 
@@ -494,24 +513,34 @@ class Parts:
     ema: nn.Module               # the average of theta that sampling uses
     opt: torch.optim.Optimizer
     eps_model: object            # model, maybe compiled, under autocast: what the loss calls
+    scaler: torch.amp.GradScaler  # fp16 only: scales the loss so small gradients do not flush to 0
+    part: slice = field(default_factory=lambda: slice(None))  # the images of each batch this process trains on: all, unless
+    #                              torchrun splits the batch over several processes (Part II)
 
 
 def build(cfg, device, compile=False):
     """The schedule, the network, its float32 EMA copy and the optimizer, on `device`."""
     model = make_unet(cfg).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    fwd = torch.compile(model) if compile else model        # checkpoints keep the plain names
+    dtype, _ = choose_precision(device, cfg.precision)
     return Parts(make_schedule(cfg).to(device), model, ema, make_optimizer(model, cfg, device),
-                 with_autocast(fwd, device, use_bf16(device, cfg.precision)))
+                 eps_model_for_training(model, device, cfg, compile),
+                 torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
+
+
+def eps_model_for_training(model, device, cfg, compile=False):
+    fwd = torch.compile(model) if compile else model        # checkpoints keep the plain names
+    return with_autocast(fwd, device, choose_precision(device, cfg.precision)[0])
 
 
 def train_step(p, x0, generator, step, cfg):
     """One optimizer step and one EMA update; returns the loss (a 0-d device tensor),
     and each image's t and error for the log."""
-    loss, t, per_image = diffusion_loss(p.eps_model, p.schedule, x0, generator, cfg.min_snr_gamma)
+    loss, t, per_image = diffusion_loss(p.eps_model, p.schedule, x0, generator, cfg.min_snr_gamma, p.part)
     p.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    p.opt.step()
+    p.scaler.scale(loss).backward()     # with the scaler off (bf16, fp32) these three lines
+    p.scaler.step(p.opt)                # are loss.backward() and opt.step(); with fp16 a step
+    p.scaler.update()                   # whose gradients overflowed is skipped, and the scale shrinks
     ema_update(list(p.ema.parameters()), list(p.model.parameters()), ema_decay_at(step, cfg.ema_decay))
     return loss.detach(), t, per_image
 
@@ -530,7 +559,7 @@ def train(cfg, run):
     total = run.total_steps                                 # the planned steps, or fewer with --max-steps
     horizon = cfg.epochs * steps_per_epoch                  # where a decaying lr reaches 0
     for step in range(start, total + 1):
-        last_step = step == total or (step > start and run.should_stop())
+        last_step = step == total or (step > start and run.should_stop(step))
         if step > start:
             run.after_step(step, last_step, p, gen)         # loss check, loss.csv, grid, checkpoint
         if last_step:
@@ -693,6 +722,10 @@ def fsync_folder(folder):
         os.close(fd)
 
 
+def precision_name(dtype):
+    return {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast", None: "fp32"}[dtype]
+
+
 def save_png(image, path):
     atomic_write(path, lambda f: image.save(f, format="PNG"))
 
@@ -738,7 +771,8 @@ SHIPPED_CKPT = Path(__file__).resolve().parent / "samples" / "ema_fp16.pt"
 
 def save_checkpoint(path, cfg, p, step, state):
     ckpt = dict(config=asdict(cfg), model=p.model.state_dict(), ema=p.ema.state_dict(),
-                opt=p.opt.state_dict(), step=step, **state, versions=dict(torch=str(torch.__version__)))
+                opt=p.opt.state_dict(), scaler=p.scaler.state_dict(), step=step, **state,
+                versions=dict(torch=str(torch.__version__)))
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
 
@@ -818,6 +852,8 @@ def restore(ckpt, p, gen):
     p.model.load_state_dict(ckpt["model"])
     p.ema.load_state_dict(ckpt["ema"])
     p.opt.load_state_dict(ckpt["opt"])
+    if ckpt.get("scaler"):                   # fp16 runs only; empty for bf16 and fp32
+        p.scaler.load_state_dict(ckpt["scaler"])
     gen.set_state(ckpt["rng"])
     state = {k: ckpt[k] for k in ("epoch_loss_sum", "history", "seconds")}
     state.update({k: ckpt.get(k, [0.0] * NOISE_BINS) for k in ("bin_loss_sums", "bin_counts")})  # older runs: none
@@ -868,7 +904,7 @@ def epoch_grid(p, cfg, path):
     """EMA samples from the same starting noise every epoch, so the grids show progress."""
     device = p.schedule.betas.device
     x_T = torch.randn(cfg.grid_n, *image_shape(cfg), generator=torch.Generator().manual_seed(cfg.seed + 1))
-    eps_model = with_autocast(p.ema, device, use_bf16(device, cfg.precision))
+    eps_model = with_autocast(p.ema, device, choose_precision(device, cfg.precision)[0])
     x0 = ddim_sample(eps_model, p.schedule, x_T.to(device), steps=DDIM_STEPS)
     save_png(grid_image(to_uint8(x0)), path)
 
@@ -879,7 +915,11 @@ LOSS_CHECK_EVERY = 50            # steps between NaN checks and progress-bar upd
 @dataclass
 class Run:
     """One training run's files and clock. train() calls begin, record, should_stop,
-    after_step and finish; nothing here changes what is trained."""
+    after_step and finish; nothing here changes what is trained.
+
+    Under torchrun (rank, world from the environment) every process runs the same loop on
+    its share of each batch; process 0 alone writes files and prints. The running sums are
+    kept so that adding them over the processes gives the totals of the whole batch."""
     run_dir: Path
     device: torch.device
     data_dir: str = "data"
@@ -888,52 +928,73 @@ class Run:
     max_minutes: float = None
     ckpt_every: int = 0
     compile: bool = False
+    rank: int = 0
+    world: int = 1
 
     def begin(self, cfg, p, gen, steps_per_epoch):
         """Restore a checkpoint when resuming, make the folder, start the clock, the bar and
-        the Ctrl-C flag. Returns the step to start from."""
-        self.cfg, self.steps_per_epoch = cfg, steps_per_epoch
+        the Ctrl-C flag; under torchrun, wrap the model and take this process's share.
+        Returns the step to start from."""
+        self.cfg, self.steps_per_epoch, self.lead = cfg, steps_per_epoch, self.rank == 0
         self.run_dir, self.ckpt_path = Path(self.run_dir), Path(self.run_dir) / "ckpt.pt"
         self.total_steps = min(self.max_steps or math.inf, cfg.epochs * steps_per_epoch)
         fresh = dict(epoch_loss_sum=0.0, history=[], seconds=0.0, bin_loss_sums=[0.0] * NOISE_BINS,
                      bin_counts=[0.0] * NOISE_BINS)
         step, self.state = restore(self.ckpt, p, gen) if self.ckpt else (0, fresh)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_text(json.dumps(asdict(cfg), indent=2) + "\n", self.run_dir / "config.json")
-        print(f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}; device {self.device}, "
-              f"{'bf16 autocast' if use_bf16(self.device, cfg.precision) else 'fp32'}; {steps_per_epoch} "
-              f"steps/epoch, {cfg.epochs} epochs" + (f"; resuming at step {step}" if step else ""))
+        if self.world > 1:
+            share_the_batch(p, cfg, self)
+        if self.lead:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_text(json.dumps(asdict(cfg), indent=2) + "\n", self.run_dir / "config.json")
+        dtype, why = choose_precision(self.device, cfg.precision)
+        self.say(f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}; device {self.device}"
+                 + (f" x {self.world} processes" if self.world > 1 else "")
+                 + f"; {precision_name(dtype)} ({why}); {steps_per_epoch} steps/epoch, {cfg.epochs} epochs"
+                 + (f"; resuming at step {step}" if step else ""))
         if self.device.type == "cpu" and cfg.preset == "paper":
-            print("note: the case-study recipe takes many hours on a CPU; `--preset cpu` makes digits in "
-                  "under 30 minutes on 2 cores (README, CPU preset)", file=sys.stderr)
+            self.say("note: the case-study recipe takes many hours on a CPU; `--preset cpu` makes digits in "
+                     "about 15 minutes on 2 cores (README, CPU preset)", file=sys.stderr)
         self.last_good = step if self.ckpt else None
         self.t_start, self.seconds0 = time.time(), self.state["seconds"]
         self.recent, self.recent_from = [], step     # losses not yet checked: a check syncs with the GPU
-        self.loss_sum = torch.tensor(self.state["epoch_loss_sum"], device=self.device)
-        self.bin_loss_sums = torch.tensor(self.state["bin_loss_sums"], device=self.device)
-        self.bin_counts = torch.tensor(self.state["bin_counts"], device=self.device)
-        self.bar = progress_bar(total=self.total_steps, initial=step, unit="step")
+        # the saved sums are totals; they go to process 0, so that the sum over processes is right
+        keep = 1.0 if self.lead else 0.0
+        self.loss_sum = torch.tensor(keep * self.state["epoch_loss_sum"], device=self.device)
+        self.bin_loss_sums = torch.tensor(self.state["bin_loss_sums"], device=self.device) * keep
+        self.bin_counts = torch.tensor(self.state["bin_counts"], device=self.device) * keep
+        self.bar = progress_bar(total=self.total_steps, initial=step, unit="step", disable=not self.lead)
         # Ctrl-C sets a flag instead of killing mid-step, so the loop can save and leave;
         # a second Ctrl-C kills as usual.
         self.interrupted = False
         self.old_sigint = signal.signal(signal.SIGINT, self.on_sigint)
         return step
 
+    def say(self, text, file=None):
+        if self.lead:
+            print(text, file=file)
+
     def on_sigint(self, signum, frame):
         self.interrupted = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def record(self, loss, t, per_image):
-        self.loss_sum += loss
+        self.loss_sum += loss / self.world      # each process's loss is the mean of its share
         self.recent.append(loss)
         bins = t * NOISE_BINS // self.cfg.T                     # (B,) in 0..3; index_add_, unlike
         self.bin_loss_sums.index_add_(0, bins, per_image)       # bincount, never waits for the GPU
         self.bin_counts.index_add_(0, bins, torch.ones_like(per_image))
 
-    def should_stop(self):
-        """Ctrl-C, or --max-minutes used up: either way the step just taken is saved."""
+    def should_stop(self, step):
+        """Ctrl-C, or --max-minutes used up: either way the step just taken is saved. Several
+        processes agree every LOSS_CHECK_EVERY steps, so that none waits alone in a collective."""
         out_of_time = self.max_minutes is not None and time.time() - self.t_start > 60 * self.max_minutes
-        return self.interrupted or out_of_time
+        if self.world == 1:
+            return self.interrupted or out_of_time
+        if step % LOSS_CHECK_EVERY:
+            return False
+        votes = all_sum(torch.tensor([float(self.interrupted), float(out_of_time)], device=self.device), self)
+        self.interrupted = bool(votes[0])
+        return bool(votes.sum())
 
     def after_step(self, step, last_step, p, gen):
         """`step` steps are done: check the losses, write the epoch's files, checkpoint."""
@@ -942,26 +1003,36 @@ class Run:
         if len(self.recent) == LOSS_CHECK_EVERY or save_now:
             self.check_losses(step)
         self.state["seconds"] = self.seconds0 + time.time() - self.t_start
+        if save_now or end_of_epoch:
+            self.gather_sums()
         if end_of_epoch:
             self.end_epoch(step // self.steps_per_epoch, step, p)
-        if save_now:  # written last, so a kill before it replays this epoch end exactly
+        if save_now and self.lead:  # written last, so a kill before it replays this epoch end exactly
             self.state.update(epoch_loss_sum=self.loss_sum.item(), bin_loss_sums=self.bin_loss_sums.tolist(),
                               bin_counts=self.bin_counts.tolist())
             save_checkpoint(self.ckpt_path, self.cfg, p, step, dict(self.state, rng=gen.get_state()))
-            self.last_good = step
+        self.last_good = step if save_now else self.last_good
+
+    def gather_sums(self):
+        """Several processes: put the totals on process 0 and zeros elsewhere."""
+        if self.world > 1:
+            for total in (self.loss_sum, self.bin_loss_sums, self.bin_counts):
+                all_sum(total, self)
+                total.mul_(1.0 if self.lead else 0.0)
 
     def check_losses(self, step):
+        recent = all_sum(torch.stack(self.recent), self) / self.world    # (k,): the batch's losses
         try:
-            check_finite(self.recent, self.recent_from)
+            check_finite(list(recent), self.recent_from)
         except NonFiniteLoss as e:
             self.bar.close()
             signal.signal(signal.SIGINT, self.old_sigint)
             kept = f"the last good checkpoint is {self.ckpt_path} (step {self.last_good})" \
                 if self.last_good is not None else "no checkpoint was written"
-            print(f"error: the loss became NaN or infinite at step {e.args[0]}; {kept}. "
-                  f"Try a smaller --lr, or --precision fp32.", file=sys.stderr)
-            sys.exit(1)
-        self.bar.set_postfix(loss=f"{torch.stack(self.recent).mean().item():.4f}",
+            self.say(f"error: the loss became NaN or infinite at step {e.args[0]}; {kept}. "
+                     f"Try a smaller --lr, or --precision fp32.", file=sys.stderr)
+            leave(1, self)
+        self.bar.set_postfix(loss=f"{recent.mean().item():.4f}",
                              img_s=f"{(self.bar.format_dict['rate'] or 0) * self.cfg.batch_size:.0f}")
         self.bar.update(len(self.recent))
         self.recent, self.recent_from = [], step
@@ -973,18 +1044,77 @@ class Run:
                                           mean_loss=self.loss_sum.item() / self.steps_per_epoch, loss_by_t=by_t))
         for total in (self.loss_sum, self.bin_loss_sums, self.bin_counts):
             total.zero_()
-        write_loss_csv(self.state["history"], self.run_dir / "loss.csv", self.cfg.T)
-        if self.cfg.grid_n:
-            epoch_grid(p, self.cfg, self.run_dir / f"grid_epoch{epoch:03d}.png")
+        if self.lead:
+            write_loss_csv(self.state["history"], self.run_dir / "loss.csv", self.cfg.T)
+            if self.cfg.grid_n:
+                epoch_grid(p, self.cfg, self.run_dir / f"grid_epoch{epoch:03d}.png")
 
     def finish(self, step):
         self.bar.close()
         signal.signal(signal.SIGINT, self.old_sigint)
         if self.interrupted:
-            print(f"interrupted: saved {self.ckpt_path} at step {step}; continue with\n"
-                  f"  python ddpm_mnist.py train --run-dir {self.run_dir} --resume", file=sys.stderr)
-            sys.exit(130)
-        print(f"saved {self.ckpt_path} at step {step} ({self.state['seconds']:.0f} s of training)")
+            self.say(f"interrupted: saved {self.ckpt_path} at step {step}; continue with\n"
+                     f"  python ddpm_mnist.py train --run-dir {self.run_dir} --resume", file=sys.stderr)
+            leave(130, self)
+        self.say(f"saved {self.ckpt_path} at step {step} ({self.state['seconds']:.0f} s of training)")
+        leave(None, self)
+
+
+# --- several processes: torchrun -------------------------------------------------------
+
+
+def all_sum(x, run):
+    """Sum x over the processes, in place (a no-op with one process)."""
+    if run.world > 1:
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def leave(code, run):
+    """End this process's part: close the process group (if any), then exit with code."""
+    if run.world > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if code is not None:
+        sys.exit(code)
+
+
+def share_the_batch(p, cfg, run):
+    """Wrap the model in DistributedDataParallel (it averages the gradients over the
+    processes) and keep this process's slice of every batch (diffusion_loss's `part`)."""
+    from torch.nn.parallel import DistributedDataParallel
+    ids = [run.device.index] if run.device.type == "cuda" else None
+    ddp = DistributedDataParallel(p.model, device_ids=ids)
+    p.eps_model = eps_model_for_training(ddp, run.device, cfg, run.compile)
+    share = cfg.batch_size // run.world
+    p.part = slice(run.rank * share, (run.rank + 1) * share)
+
+
+def torchrun_env():
+    """(rank, local rank, world size) as torchrun sets them; (0, 0, 1) without it."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1))
+
+
+def start_processes(args, cfg):
+    """Under torchrun: check what every process must agree on, then join the group.
+    Returns (device, rank, world). Bad input fails in every process before any waiting."""
+    rank, local_rank, world = torchrun_env()
+    device = resolve_device(args.device)
+    if world == 1:
+        return device, 0, 1
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size}: must divide evenly over the {world} processes "
+                        "(it is the global batch)")
+    if device.type == "cuda":
+        if torch.cuda.device_count() < world:
+            raise UserError(f"--device {args.device}: {world} processes but {torch.cuda.device_count()} "
+                            "visible CUDA devices; one process per device")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise UserError(f"--device {args.device}: several processes run on CUDA (nccl) or the CPU (gloo)")
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, rank, world
 
 
 def set_fast_math(device):
@@ -1468,8 +1598,8 @@ def bench(cfg, device, batch_size, reps=5, compile=False):
     gen = torch.Generator(device).manual_seed(0)
     print(f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}; {gflop:.3f} GFLOP forward per image")
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    bf16 = use_bf16(device, cfg.precision)
-    print(f"device {device} ({card}), {'bf16 autocast' if bf16 else 'fp32'}, batch {batch_size}, torch {torch.__version__}")
+    dtype, why = choose_precision(device, cfg.precision)
+    print(f"device {device} ({card}), {precision_name(dtype)} ({why}), batch {batch_size}, torch {torch.__version__}")
     t_warm = timed(lambda: [train_step(p, x0, gen, 0, cfg) for _ in range(BENCH_WARMUP_STEPS)], device)
     phases = {"forward+loss": [], "backward": [], "optimizer": [], "ema": []}
     for _ in range(reps):
@@ -1491,7 +1621,7 @@ def bench(cfg, device, batch_size, reps=5, compile=False):
     print(f"train throughput: {batch_size / step_s:,.0f} images/s; {3 * gflop * batch_size / step_s / 1e3:.2f} TFLOP/s "
           f"achieved (3 x forward FLOPs); one {paper.epochs}-epoch recipe = "
           f"{paper_images / (batch_size / step_s) / 60:.1f} min")
-    bench_sampling(with_autocast(p.ema, device, bf16), p.schedule, (batch_size, *shape))
+    bench_sampling(with_autocast(p.ema, device, dtype), p.schedule, (batch_size, *shape))
     print(f"peak memory: {peak_memory_mb(device):,.0f} MB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
 
 
@@ -1634,8 +1764,9 @@ def add_data_dir(p):
 
 
 def add_precision(p, default="auto"):
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=default,
-                   help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32 (default: auto)")
+    p.add_argument("--precision", choices=("auto", *AMP_DTYPES), default=default,
+                   help="auto: bf16 autocast where the device runs it natively (CUDA 8.0+, AVX512-BF16 "
+                        "CPUs), fp16 with a gradient scaler on CUDA 7.x, else fp32 (default: auto)")
 
 
 def add_ckpt(p):
@@ -1856,12 +1987,12 @@ def train_config(args):
 
 def cmd_train(args):
     cfg, ckpt = train_config(args)
-    device = resolve_device(args.device)
     check_run_dir(args.run_dir)
+    device, rank, world = start_processes(args, cfg)
     set_fast_math(device)
-    torch.manual_seed(cfg.seed)                              # the initial weights
+    torch.manual_seed(cfg.seed)                              # the initial weights, the same in every process
     train(cfg, Run(args.run_dir, device, args.data_dir, ckpt, args.max_steps, args.max_minutes,
-                   args.ckpt_every, args.compile))
+                   args.ckpt_every, args.compile, rank, world))
 
 
 def sampler_from_args(args, T):
@@ -1879,7 +2010,7 @@ def load_for_sampling(args, ckpt_path):
     """The checks every sampling command shares, then the model, ready to call, on its device."""
     device = resolve_device(args.device)
     model, cfg = model_from_checkpoint(load_checkpoint(ckpt_path), getattr(args, "weights", "ema"))
-    eps_model = with_autocast(model.to(device), device, use_bf16(device, args.precision))
+    eps_model = with_autocast(model.to(device), device, choose_precision(device, args.precision)[0])
     return eps_model, make_schedule(cfg).to(device), cfg
 
 

@@ -176,5 +176,5 @@ def test_bf16_auto_falls_back_to_fp32_without_the_onednn_query(monkeypatch):
     cpu = torch.device("cpu")
     for stand_in in (NoQuery(), Broken()):
         monkeypatch.setattr(torch.ops, "mkldnn", stand_in, raising=False)
-        assert dm.use_bf16(cpu, "auto") is False
-    assert dm.use_bf16(cpu, "bf16") is True and dm.use_bf16(cpu, "fp32") is False
+        assert dm.choose_precision(cpu, "auto")[0] is None
+    assert dm.choose_precision(cpu, "bf16")[0] == torch.bfloat16 and dm.choose_precision(cpu, "fp32")[0] is None

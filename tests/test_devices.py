@@ -1,0 +1,119 @@
+"""Precision by card and several processes through torchrun, all on the CPU."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ddpm_mnist as dm
+from conftest import ROOT, TINY_ARGS
+
+TINY = (8, 8, 16, 16)
+
+
+@pytest.mark.parametrize("cc, want", [((6, 1), None), ((7, 0), torch.float16), ((7, 5), torch.float16),
+                                      ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_auto_precision_by_compute_capability(monkeypatch, cc, want):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+    dtype, why = dm.choose_precision(torch.device("cuda"), "auto")
+    assert dtype == want and f"{cc[0]}.{cc[1]}" in why
+
+
+def test_auto_precision_on_mps_and_cpu(monkeypatch):
+    assert dm.choose_precision(torch.device("mps"), "auto")[0] is None
+    monkeypatch.setattr(dm, "cpu_has_bf16", lambda: True)
+    assert dm.choose_precision(torch.device("cpu"), "auto")[0] == torch.bfloat16
+    monkeypatch.setattr(dm, "cpu_has_bf16", lambda: False)
+    assert dm.choose_precision(torch.device("cpu"), "auto")[0] is None
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", None)):
+        assert dm.choose_precision(torch.device("cpu"), name)[0] == dtype
+
+
+def tiny_parts(precision, init_scale=2.0 ** 16):
+    torch.manual_seed(0)
+    cfg = dm.Config(channels=TINY, lr=1e-3, precision=precision)
+    p = dm.build(cfg, torch.device("cpu"))
+    p.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, enabled=precision == "fp16")
+    return p, cfg
+
+
+def test_fp16_with_the_scaler_follows_fp32():
+    """Five steps from the same weights and draws: fp16 autocast losses within 2% of fp32
+    (fp16 keeps 11 bits of mantissa), and the scaler really scaled."""
+    x0 = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    runs = {}
+    for precision in ("fp32", "fp16"):
+        p, cfg = tiny_parts(precision)
+        g = torch.Generator().manual_seed(2)
+        runs[precision] = [dm.train_step(p, x0, g, n, cfg)[0].item() for n in range(5)]
+        if precision == "fp16":
+            assert p.scaler.is_enabled() and p.scaler.get_scale() > 1
+    for a, b in zip(runs["fp32"], runs["fp16"]):
+        assert abs(a - b) < 0.02 * a, runs
+    assert runs["fp32"] != runs["fp16"]
+
+
+def test_a_skipped_scaler_step_changes_nothing_and_does_not_stop_training(mnist_dir, tmp_path):
+    """A scale of 2^120 overflows the fp16 gradients: the scaler skips that step (the weights
+    stay) and halves the scale; the loss itself is finite, so the NaN stop must not fire."""
+    p, cfg = tiny_parts("fp16", init_scale=2.0 ** 120)
+    before = [w.clone() for w in p.model.parameters()]
+    x0 = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    loss = dm.train_step(p, x0, torch.Generator().manual_seed(2), 0, cfg)[0]
+    assert torch.isfinite(loss) and p.scaler.get_scale() == 2.0 ** 119
+    assert all(torch.equal(a, b) for a, b in zip(before, p.model.parameters()))
+    # a whole run in fp16 on the CPU: every step that overflows is skipped, training goes on
+    run = tmp_path / "fp16"
+    dm.main(["train", *TINY_ARGS, "--grid-n", "0", "--epochs", "1", "--precision", "fp16",
+             "--data-dir", str(mnist_dir), "--run-dir", str(run)])
+    ck = torch.load(run / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 8 and ck["scaler"]["scale"] > 0 and ck["config"]["precision"] == "fp16"
+
+
+def torchrun(*args, nproc=2, timeout=240):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", str(ROOT / "ddpm_mnist.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_processes_train_like_one_and_resume_under_one(mnist_dir, tmp_path, capsys):
+    args = ["train", *TINY_ARGS, "--grid-n", "4", "--epochs", "3", "--precision", "fp32",
+            "--data-dir", mnist_dir]
+    r = torchrun(*args, "--run-dir", tmp_path / "two", "--max-steps", "20")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("saved ") == 1                       # process 0 alone speaks
+    dm.main([str(a) for a in args] + ["--run-dir", str(tmp_path / "one"), "--max-steps", "20"])
+    a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("one", "two"))
+    assert a["step"] == b["step"] == 20
+    # The same steps up to the order of float sums across processes. Adam turns the tiny
+    # gradients of a few biases into full-size steps whose sign that order can flip, so the
+    # test compares the whole update: the two runs differ by under 1% of how far they moved.
+    torch.manual_seed(0)
+    init = dm.UNet(TINY).state_dict()
+    flat = lambda ck: torch.cat([(ck["model"][k] - init[k]).flatten() for k in init])
+    moved, apart = flat(a).norm(), (flat(b) - flat(a)).norm()
+    assert apart < 0.01 * moved, (apart, moved)
+    la, lb = ((tmp_path / r / "loss.csv").read_text().splitlines() for r in ("one", "two"))
+    assert len(la) == len(lb) == 3 and sorted(p.name for p in (tmp_path / "two").glob("grid*")) == \
+        ["grid_epoch001.png", "grid_epoch002.png"]
+    for x, y in zip(la[1:], lb[1:]):
+        assert abs(float(x.split(",")[2]) - float(y.split(",")[2])) < 1e-4     # the same mean loss
+    # a 2-process checkpoint resumes in one process
+    dm.main(["train", "--run-dir", str(tmp_path / "two"), "--resume", "--data-dir", str(mnist_dir),
+             "--device", "cpu"])
+    assert torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["step"] == 24
+
+
+def test_bad_input_under_torchrun_stops_every_process_with_one_line(mnist_dir, tmp_path):
+    """Each process checks before joining the group, so none is left waiting. torchrun
+    stops the others at the first failure (and prints its own report), so a process may
+    be ended before it prints: at least one line, and all of ours the same one line."""
+    cases = [(["train", *TINY_ARGS, "--batch-size", "33", "--run-dir", tmp_path / "x"], "error: --batch-size 33: ")]
+    if not torch.cuda.is_available():
+        cases.append((["train", "--device", "cuda", "--run-dir", tmp_path / "y"], "error: --device cuda: "))
+    for args, start in cases:
+        r = torchrun(*args, "--data-dir", mnist_dir, timeout=120)
+        ours = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+        assert r.returncode != 0 and 1 <= len(ours) <= 2 and len(set(ours)) == 1, r.stderr[-2000:]
+        assert ours[0].startswith(start) and "exitcode  : 2" in r.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
