@@ -73,6 +73,8 @@ class Config:
     # Step 3, U-Net
     channels: tuple = (64, 128, 256, 256)  # widths of the 28, 14, 7 and 3 px levels
     num_res_blocks: int = 2      # residual blocks per level
+    attn_sizes: tuple = ()       # sizes (px) of the levels that get self-attention (CIFAR-10: 16)
+    dropout: float = 0.0         # dropout in the residual blocks (CIFAR-10: 0.1)
     # Step 4, training
     lr: float = 2e-4             # AdamW learning rate
     weight_decay: float = 1e-4   # AdamW decoupled weight decay
@@ -81,6 +83,7 @@ class Config:
     ema_decay: float = 0.9999    # EMA of the weights, what sampling uses
     seed: int = 0
     precision: str = "auto"      # auto: bf16 autocast where the device runs it fast, else fp32
+    hflip: bool = False          # random horizontal flips of each batch (CIFAR-10, as the DDPM paper)
     grid_n: int = 64             # EMA samples drawn into a grid after every epoch (0: none)
     # Short-run levers (extensions, off in the case study; see lr_at and min_snr_weight)
     lr_schedule: str = "constant"  # "cosine": linear warm-up, then cosine decay to 0
@@ -96,8 +99,13 @@ PRESETS = {
     # epoch lifted the confident share from 80% to 83%; a larger learning rate and a
     # shorter EMA suit a run that short.
     "cpu": Config(channels=(32, 64, 128, 128), batch_size=64, epochs=5, lr=1e-3, ema_decay=0.999, preset="cpu"),
+    # Extension, CIFAR-10: the DDPM paper's CIFAR-10 model and recipe as far as this U-Net
+    # goes (its Sec. 4 and App. B): widths 128-256-256-256, attention at 16 px, dropout 0.1,
+    # flips. The paper trained 800k steps; 100 epochs here are 39,000 (README, CIFAR-10).
+    "cifar10": Config(dataset="cifar10", channels=(128, 256, 256, 256), attn_sizes=(16,), dropout=0.1,
+                      hflip=True, epochs=100, preset="cifar10"),
 }
-IMAGE_SHAPES = {"mnist": (1, 28, 28)}   # (C, H, W) of each data set's images
+IMAGE_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}   # (C, H, W) of each data set's images
 SCHEDULES = ("linear", "cosine")
 GROUPS = 8                       # GroupNorm groups, so every width must divide by 8
 DDIM_STEPS = 50                  # the case study's fast sampler: 50 of the T steps
@@ -113,7 +121,7 @@ def config_from_dict(d):
     missing ones take the case study's defaults, so older checkpoints still load."""
     names = {f.name for f in fields(Config)}
     cfg = Config(**{k: v for k, v in d.items() if k in names})
-    return replace(cfg, channels=tuple(int(c) for c in cfg.channels))
+    return replace(cfg, channels=tuple(int(c) for c in cfg.channels), attn_sizes=tuple(int(a) for a in cfg.attn_sizes))
 
 
 class UserError(Exception):
@@ -221,20 +229,38 @@ class GroupNorm(nn.GroupNorm):
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, twice, with the time embedding added in between."""
 
-    def __init__(self, c_in, c_out, t_dim):
+    def __init__(self, c_in, c_out, t_dim, dropout=0.0):
         super().__init__()
         self.norm1 = GroupNorm(GROUPS, c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.t_proj = nn.Linear(t_dim, c_out)
         self.norm2 = GroupNorm(GROUPS, c_out)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()   # CIFAR-10: 0.1, as DDPM
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, t_emb):
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.t_proj(t_emb)[:, :, None, None]                    # (B, C) -> (B, C, 1, 1)
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Extension for CIFAR-10: every pixel attends to every other (one head, as in the DDPM
+    paper's 16 px level), so distant parts of an image can agree. A residual block."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = GroupNorm(GROUPS, c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.proj = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)   # 3 x (B, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)                                   # (B, HW, C)
+        return x + self.proj(h.transpose(1, 2).reshape(B, C, H, W))
 
 
 class Downsample(nn.Module):
@@ -277,7 +303,8 @@ class UNet(nn.Module):
     convolutions already see the whole image.
     """
 
-    def __init__(self, channels=(64, 128, 256, 256), num_res_blocks=2, in_channels=1, size=28):
+    def __init__(self, channels=(64, 128, 256, 256), num_res_blocks=2, in_channels=1, size=28,
+                 attn_sizes=(), dropout=0.0):
         super().__init__()
         c0, t_dim = channels[0], 4 * channels[0]
         self.c0 = c0
@@ -287,9 +314,12 @@ class UNet(nn.Module):
         self.sizes = [size]
         self.enc, self.down = nn.ModuleList(), nn.ModuleList()
         c_prev = c0
+        self.attn = nn.ModuleDict()          # after each block of an attention level; empty for MNIST
         for i, c in enumerate(channels):
             self.enc.append(nn.ModuleList(
-                [ResBlock(c_prev if j == 0 else c, c, t_dim) for j in range(num_res_blocks)]))
+                [ResBlock(c_prev if j == 0 else c, c, t_dim, dropout) for j in range(num_res_blocks)]))
+            if self.sizes[i] in attn_sizes:
+                self.attn.update({f"enc{i}_{j}": SelfAttention(c) for j in range(num_res_blocks)})
             if i < len(channels) - 1:
                 size = self.sizes[-1]
                 self.down.append(Downsample(c, size))
@@ -300,7 +330,9 @@ class UNet(nn.Module):
             c = channels[i]
             self.up.append(Upsample(channels[i + 1], c))
             self.dec.append(nn.ModuleList(
-                [ResBlock(2 * c if j == 0 else c, c, t_dim) for j in range(num_res_blocks)]))
+                [ResBlock(2 * c if j == 0 else c, c, t_dim, dropout) for j in range(num_res_blocks)]))
+            if self.sizes[i] in attn_sizes:
+                self.attn.update({f"dec{i}_{j}": SelfAttention(c) for j in range(num_res_blocks)})
         self.out = nn.Sequential(GroupNorm(GROUPS, c0), nn.SiLU(), nn.Conv2d(c0, in_channels, 3, padding=1))
 
     def forward(self, x, t):
@@ -308,24 +340,26 @@ class UNet(nn.Module):
         h = self.stem(x)                                                # (B, c0, 28, 28)
         skips = []
         for i, blocks in enumerate(self.enc):
-            for block in blocks:
+            for j, block in enumerate(blocks):
                 h = block(h, t_emb)
+                h = self.attn[f"enc{i}_{j}"](h) if f"enc{i}_{j}" in self.attn else h
             if i < len(self.down):
                 skips.append(h)
                 h = self.down[i](h)                                     # 28 -> 14 -> 7 -> 3
-        for up, blocks in zip(self.up, self.dec):
+        for up, blocks, i in zip(self.up, self.dec, reversed(range(len(self.down)))):
             skip = skips.pop()
             h = up(h, skip.shape[-2:])                                  # 3 -> 7 -> 14 -> 28
             h = torch.cat([h, skip], dim=1)                             # (B, 2c, H, W)
-            for block in blocks:
+            for j, block in enumerate(blocks):
                 h = block(h, t_emb)
+                h = self.attn[f"dec{i}_{j}"](h) if f"dec{i}_{j}" in self.attn else h
         return self.out(h)
 
 
 def make_unet(cfg):
     """The network a config describes, its input shaped like the config's images."""
     C, H, _ = image_shape(cfg)
-    return UNet(cfg.channels, cfg.num_res_blocks, in_channels=C, size=H)
+    return UNet(cfg.channels, cfg.num_res_blocks, C, H, cfg.attn_sizes, cfg.dropout)
 
 
 def count_params(model):
@@ -382,9 +416,28 @@ def load_mnist(data_dir, train=True):
     return ds.data, ds.targets
 
 
+def load_cifar10(data_dir, train=True):
+    """Extension: CIFAR-10 as uint8 (N, 32, 32, 3) images and (N,) labels, via torchvision
+    (downloads if missing; offline, put cifar-10-batches-py in --data-dir)."""
+    from torchvision.datasets import CIFAR10
+    try:
+        ds = CIFAR10(data_dir, train=train, download=True)
+    except Exception as e:
+        raise UserError(f"--data-dir {data_dir}: CIFAR-10 is missing and could not be downloaded "
+                        f"({type(e).__name__}); put the extracted cifar-10-batches-py folder in {data_dir}") from None
+    return torch.from_numpy(ds.data), torch.tensor(ds.targets)
+
+
 def load_data(cfg, data_dir, train=True):
-    """The config's data set as uint8 images (N, H, W) and labels: the one place to add one."""
-    return load_mnist(data_dir, train)
+    """The config's data set as uint8 images, (N, H, W) or (N, H, W, 3), and labels: the one
+    place to add one."""
+    return load_cifar10(data_dir, train) if cfg.dataset == "cifar10" else load_mnist(data_dir, train)
+
+
+def random_hflip(x, generator):
+    """Extension for CIFAR-10: mirror each image left-right with probability 1/2."""
+    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5      # (B,)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
 def epoch_batches(n, batch_size, seed, epoch):
@@ -401,13 +454,16 @@ def epoch_batches(n, batch_size, seed, epoch):
 
 
 def to_model_range(images_uint8):
-    """uint8 (B, 28, 28) in 0..255 -> float (B, 1, 28, 28) in [-1, 1]."""
-    return images_uint8.unsqueeze(1).float() / 127.5 - 1.0
+    """uint8 images in 0..255, (B, H, W) grey or (B, H, W, 3) colour as image files lay them
+    out -> float (B, C, H, W) in [-1, 1], as the network takes them."""
+    x = images_uint8.unsqueeze(1) if images_uint8.dim() == 3 else images_uint8.permute(0, 3, 1, 2)
+    return x.float() / 127.5 - 1.0
 
 
 def to_uint8(x):
-    """float (B, 1, 28, 28) in [-1, 1] -> uint8 (B, 28, 28), rounding to nearest."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).squeeze(1)
+    """float (B, C, H, W) in [-1, 1] -> uint8 (B, H, W) or (B, H, W, 3), rounding to nearest."""
+    u = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return u.squeeze(1) if u.shape[1] == 1 else u.permute(0, 2, 3, 1)
 
 
 # -----------------------------------------------------------------------------
@@ -549,7 +605,7 @@ def train(cfg, run):
     """Alg. 1 as one flat loop. The algorithm is all here; `run` (Part II) keeps the
     files, the clock and Ctrl-C, and checkpoints so that a killed run resumes exactly."""
     images, _ = load_data(cfg, run.data_dir)
-    data = images.to(run.device)                            # (N, 28, 28) uint8, on the device
+    data = images.to(run.device)                            # (N, 28, 28) uint8 (MNIST), on the device
     steps_per_epoch = len(data) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"--batch-size {cfg.batch_size}: larger than the {len(data)} training images")
@@ -567,7 +623,8 @@ def train(cfg, run):
         epoch, i = divmod(step, steps_per_epoch)
         if i == 0 or step == start:                         # a new epoch, or the first step after a resume
             batches = epoch_batches(len(data), cfg.batch_size, cfg.seed, epoch).to(run.device)
-        x0 = to_model_range(data[batches[i]])               # (B, 1, 28, 28) in [-1, 1]
+        x0 = to_model_range(data[batches[i]])               # (B, C, H, W) in [-1, 1]
+        x0 = random_hflip(x0, gen) if cfg.hflip else x0     # CIFAR-10 only
         for group in p.opt.param_groups:
             group["lr"] = lr_at(step, cfg, horizon)
         run.record(*train_step(p, x0, gen, step, cfg))
@@ -745,16 +802,17 @@ GRID_PAD = 2                     # white lines between the cells of a grid, in p
 
 
 def to_image(a):
-    """uint8 (H, W) tensor -> PIL grayscale image."""
+    """uint8 (H, W) or (H, W, 3) tensor -> PIL grey or RGB image."""
     return Image.fromarray(a.cpu().numpy())
 
 
 def grid_image(images_uint8, nrow=8, pad=GRID_PAD):
-    """uint8 (N, H, W) -> one grayscale grid, nrow images a row, white lines between
-    them (torchvision's make_grid layout)."""
-    n, h, w = images_uint8.shape
+    """uint8 (N, H, W) or (N, H, W, 3) -> one grid, nrow images a row, white lines
+    between them (torchvision's make_grid layout)."""
+    n, h, w = images_uint8.shape[:3]
     rows, cols = math.ceil(n / nrow), min(nrow, n)
-    canvas = torch.full((pad + rows * (h + pad), pad + cols * (w + pad)), 255, dtype=torch.uint8)
+    canvas = torch.full((pad + rows * (h + pad), pad + cols * (w + pad), *images_uint8.shape[3:]), 255,
+                        dtype=torch.uint8)
     for i, im in enumerate(images_uint8.cpu()):
         r, c = divmod(i, nrow)
         canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
@@ -831,8 +889,8 @@ def model_from_checkpoint(ckpt, weights="ema", flag="--ckpt"):
 
 def check_channels(channels, flag="--channels"):
     if len(channels) != 4 or any(c < GROUPS or c % GROUPS for c in channels):
-        raise UserError(f"{flag} {','.join(map(str, channels))}: need 4 widths (one per 28, 14, 7, 3 px "
-                        f"level), each a positive multiple of {GROUPS} (the GroupNorm groups)")
+        raise UserError(f"{flag} {','.join(map(str, channels))}: need 4 widths (one per level: 28, 14, 7, 3 px "
+                        f"for MNIST), each a positive multiple of {GROUPS} (the GroupNorm groups)")
 
 
 TRAINING_STATE = ("model", "ema", "opt", "step", "rng", "epoch_loss_sum", "history", "seconds")
@@ -1367,15 +1425,17 @@ def evaluate_samples(samples, clf, cache, data_dir, device, seed=0):
 
 
 def labeled_grid(cells, row_labels=(), col_labels=(), scale=2, pad=GRID_PAD):
-    """cells: uint8 (R, C, H, W) -> a PIL image, labels left of rows and under columns."""
-    R, C, H, W = cells.shape
+    """cells: uint8 (R, C, H, W) or (R, C, H, W, 3) -> a PIL image, labels left of rows and
+    under columns."""
+    R, C, H, W = cells.shape[:4]
+    mode, white = ("RGB", (255, 255, 255)) if cells.dim() == 5 else ("L", 255)
     sh, sw = H * scale, W * scale
     font = ImageFont.load_default()
     measure = ImageDraw.Draw(Image.new("L", (1, 1)))
     left = int(max((measure.textlength(str(l), font=font) for l in row_labels), default=0)) + 8 if row_labels else 0
     lines = max((str(l).count("\n") + 1 for l in col_labels), default=0)
     line_h = 13                  # the default font's line height, in pixels
-    img = Image.new("L", (left + pad + C * (sw + pad), pad + R * (sh + pad) + line_h * lines + (4 if lines else 0)), 255)
+    img = Image.new(mode, (left + pad + C * (sw + pad), pad + R * (sh + pad) + line_h * lines + (4 if lines else 0)), white)
     draw = ImageDraw.Draw(img)
     for r in range(R):
         for c in range(C):
@@ -1499,7 +1559,7 @@ def gif_frame(x_t, x0, t, nrow):
     left, right = grid_image(x_t, nrow), grid_image(x0, nrow)
     w, h = left.size
     caption_h, gap = 16, 12
-    img = Image.new("L", (2 * w + gap, h + caption_h), 255)
+    img = Image.new(left.mode, (2 * w + gap, h + caption_h), "white")
     img.paste(left, (0, caption_h))
     img.paste(right, (w + gap, caption_h))
     draw = ImageDraw.Draw(img)
@@ -1541,8 +1601,8 @@ def progress_picture(run_dir, epochs, n=8):
     chosen = have if len(have) <= 6 else sorted({e for e in epochs if e in found} | {have[-1]})
     cfg_file = Path(run_dir) / "config.json"
     cfg = config_from_dict(json.loads(cfg_file.read_text())) if cfg_file.exists() else Config()
-    _, H, W = image_shape(cfg)
-    grids = [torch.from_numpy(np.array(Image.open(found[e]).convert("L"))) for e in chosen]   # (h, w) uint8
+    C, H, W = image_shape(cfg)
+    grids = [torch.from_numpy(np.array(Image.open(found[e]).convert("L" if C == 1 else "RGB"))) for e in chosen]
     n = min([n] + [(g.shape[1] - GRID_PAD) // (W + GRID_PAD) for g in grids])
     cell = lambda g, c: g[GRID_PAD:GRID_PAD + H, GRID_PAD + c * (W + GRID_PAD): GRID_PAD + c * (W + GRID_PAD) + W]
     rows = [torch.stack([cell(g, c) for c in range(n)]) for g in grids]
@@ -1585,6 +1645,8 @@ def peak_memory_mb(device):
 
 BENCH_WARMUP_STEPS = 3           # the first steps pay for allocation, cuDNN's search and compile
 MNIST_TRAIN_IMAGES = 60_000
+CIFAR10_TRAIN_IMAGES = 50_000
+DDPM_CIFAR10_STEPS = 800_000      # the DDPM paper's CIFAR-10 training, at batch 128
 
 
 def bench(cfg, device, batch_size, reps=5, compile=False):
@@ -1621,6 +1683,11 @@ def bench(cfg, device, batch_size, reps=5, compile=False):
     print(f"train throughput: {batch_size / step_s:,.0f} images/s; {3 * gflop * batch_size / step_s / 1e3:.2f} TFLOP/s "
           f"achieved (3 x forward FLOPs); one {paper.epochs}-epoch recipe = "
           f"{paper_images / (batch_size / step_s) / 60:.1f} min")
+    if cfg.dataset == "cifar10":
+        steps = cfg.epochs * (CIFAR10_TRAIN_IMAGES // cfg.batch_size)
+        print(f"CIFAR-10 at this speed: the preset's {cfg.epochs} epochs ({steps:,} steps of {cfg.batch_size}) = "
+              f"{steps * step_s / 3600:.1f} h; the DDPM paper's {DDPM_CIFAR10_STEPS:,} steps = "
+              f"{DDPM_CIFAR10_STEPS * step_s / 3600:.1f} h")
     bench_sampling(with_autocast(p.ema, device, dtype), p.schedule, (batch_size, *shape))
     print(f"peak memory: {peak_memory_mb(device):,.0f} MB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
 
@@ -1734,7 +1801,7 @@ def check_run_dir(path):
 
 DEFAULTS = Config()
 TRAIN_FLAGS = ("epochs", "batch_size", "lr", "channels", "ema_decay", "seed", "precision", "grid_n",
-               "schedule", "lr_schedule", "warmup_steps", "min_snr_gamma")
+               "schedule", "lr_schedule", "warmup_steps", "min_snr_gamma", "dataset")
 
 
 def preset_default(name):
@@ -1797,7 +1864,9 @@ def add_train_parser(sub):
                                    "EMA sample grids into --run-dir. Defaults come from --preset.")
     p.add_argument("--preset", choices=tuple(PRESETS), default="paper",
                    help="paper: the case study's recipe; cpu: a 4x cheaper network and a short run for "
-                        "a laptop CPU (default: paper)")
+                        "a laptop CPU; cifar10: the DDPM paper's CIFAR-10 model (default: paper)")
+    p.add_argument("--dataset", choices=tuple(IMAGE_SHAPES),
+                   help=f"images to learn; the network follows their channels and size {preset_default('dataset')}")
     p.add_argument("--epochs", type=int_in(1), help=f"passes over the 60,000 images {preset_default('epochs')}")
     p.add_argument("--batch-size", type=int_in(1), help=f"images per step {preset_default('batch_size')}")
     p.add_argument("--lr", type=float_over(0, strict=True), help=f"AdamW learning rate {preset_default('lr')}")
@@ -2064,6 +2133,14 @@ def evaluate_out(args, ckpt_path):
     return Path("evaluate.json") if ckpt_path == SHIPPED_CKPT else ckpt_path.with_name("evaluate.json")
 
 
+def only_digits(cfg, ckpt_path):
+    """evaluate and compare measure with an MNIST digit classifier; say so for other data."""
+    if cfg.dataset != "mnist":
+        raise UserError(f"--ckpt {ckpt_path}: a {cfg.dataset} model, and evaluate/compare score digits with an MNIST "
+                        "classifier; for CIFAR-10 write PNGs (sample --format png-dir --n 50000) and use pytorch-fid "
+                        "or clean-fid against the CIFAR-10 training set, as the DDPM paper measured")
+
+
 def cmd_evaluate(args):
     sampler = sampler_from_args(args, DEFAULTS.T)
     ckpt_path = None if args.samples else checkpoint_to_sample(args.ckpt)
@@ -2075,6 +2152,7 @@ def cmd_evaluate(args):
         source = dict(samples_from=f"read from {args.samples}", samples_file=str(args.samples))
     else:
         eps_model, schedule, cfg = load_for_sampling(args, ckpt_path)
+        only_digits(cfg, ckpt_path)
         load_mnist(args.data_dir, train=True)                 # fail now, not after sampling
         t0 = time.time()
         samples = generate(eps_model, schedule, sampler, (args.n, *image_shape(cfg)), args.seed, args.batch_size)
@@ -2096,6 +2174,7 @@ COMPARE = (("DDPM 1000", Sampler("ddpm", 1000)), ("DDIM 10", Sampler("ddim", 10)
 def cmd_compare(args):
     check_out("--out", args.out)
     eps_model, schedule, cfg = load_for_sampling(args, checkpoint_to_sample(args.ckpt))
+    only_digits(cfg, args.ckpt)
     device = schedule.betas.device
     clf, cache = classifier_cache(args.classifier, args.data_dir, device)
     rows, firsts = [], []
@@ -2147,7 +2226,7 @@ def cmd_interpolate(args):
     eps_model, schedule, cfg = load_for_sampling(args, checkpoint_to_sample(args.ckpt))
     x_T = interpolation_noise(args.rows, args.cols, args.seed, image_shape(cfg)).to(schedule.betas.device)
     x0 = ddim_sample(eps_model, schedule, x_T, steps=args.steps)        # eta = 0: a function of x_T
-    cells = to_uint8(x0).cpu().view(args.rows, args.cols, *image_shape(cfg)[1:])
+    cells = to_uint8(x0).cpu().unflatten(0, (args.rows, args.cols))          # (rows, cols, H, W[, 3])
     save_png(labeled_grid(cells), args.out)
     print(f"wrote {args.out}: {args.rows} rows of {args.cols}, DDIM {args.steps} steps")
 
