@@ -1681,8 +1681,9 @@ def bench(cfg, device, batch_size, reps=5, compile=False):
     print("train step, ms: " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in med.items())
           + f"; whole step {1e3 * step_s:.1f}")
     print(f"train throughput: {batch_size / step_s:,.0f} images/s; {3 * gflop * batch_size / step_s / 1e3:.2f} TFLOP/s "
-          f"achieved (3 x forward FLOPs); one {paper.epochs}-epoch recipe = "
-          f"{paper_images / (batch_size / step_s) / 60:.1f} min")
+          f"achieved (3 x forward FLOPs)" + (f"; one {paper.epochs}-epoch MNIST recipe = "
+                                              f"{paper_images / (batch_size / step_s) / 60:.1f} min"
+                                              if cfg.dataset == "mnist" else ""))
     if cfg.dataset == "cifar10":
         steps = cfg.epochs * (CIFAR10_TRAIN_IMAGES // cfg.batch_size)
         print(f"CIFAR-10 at this speed: the preset's {cfg.epochs} epochs ({steps:,} steps of {cfg.batch_size}) = "
