@@ -11,8 +11,10 @@ the chain backwards from pure noise, removing the predicted noise one step at a 
 
 The file has two parts. Part I, "the DDPM", follows the case study's steps in order:
 config, noise schedule and forward process (Steps 1-2), U-Net (Step 3), EMA, data and
-training (Step 4), samplers (Step 5). It is a complete DDPM; a reader can stop at its
-end. Part II, "the tool", starts at the banner "PART II": run files and exact resume,
+training (Step 4), samplers (Step 5). It is the whole algorithm: a reader can stop at its
+end. What it borrows from Part II is bookkeeping it names as such (the Run object's
+files, clock and checkpoints; the choice of precision). Part II, "the tool", starts at
+the banner "PART II": run files and exact resume, precision, several processes,
 sampling to files, evaluation, pictures, bench and the command line.
 
     python ddpm_mnist.py train                      # the case-study recipe (GPU: minutes)
@@ -29,6 +31,13 @@ sampling to files, evaluation, pictures, bench and the command line.
     python ddpm_mnist.py progress --run-dir runs/ddpm  # the per-epoch grids in one picture
     python ddpm_mnist.py export                     # EMA weights in fp16 -> samples/ema_fp16.pt
 
+Extensions, each off unless asked for:
+
+    python ddpm_mnist.py train --schedule cosine    # Nichol & Dhariwal's cosine schedule
+    python ddpm_mnist.py train --lr-schedule cosine --warmup-steps 100 --min-snr-gamma 5
+    python ddpm_mnist.py train --preset cifar10     # 32x32 colour, the DDPM paper's CIFAR-10 model
+    torchrun --standalone --nproc_per_node=4 ddpm_mnist.py train   # several GPUs
+
 Until `train` has written runs/ddpm/ckpt.pt, the sampling commands use the committed
 weights samples/ema_fp16.pt. Every subcommand explains its flags with --help.
 """
@@ -40,6 +49,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import sys
 import time
@@ -82,8 +92,8 @@ class Config:
     epochs: int = 50             # 50 x 468 = 23,400 steps
     ema_decay: float = 0.9999    # EMA of the weights, what sampling uses
     seed: int = 0
-    precision: str = "auto"      # auto: bf16 autocast where the device runs it fast, else fp32
-    hflip: bool = False          # random horizontal flips of each batch (CIFAR-10, as the DDPM paper)
+    precision: str = "auto"      # auto: by device (choose_precision); bf16, fp16 or fp32
+    hflip: bool = False          # extension: random horizontal flips (CIFAR-10, as the DDPM paper)
     grid_n: int = 64             # EMA samples drawn into a grid after every epoch (0: none)
     # Short-run levers (extensions, off in the case study; see lr_at and min_snr_weight)
     lr_schedule: str = "constant"  # "cosine": linear warm-up, then cosine decay to 0
@@ -145,6 +155,8 @@ def make_betas(T, beta_1, beta_T, schedule="linear"):
     """beta_1 .. beta_T in float64. "linear" is the DDPM paper's (Sec. 4)."""
     if schedule == "linear":
         return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
+    if schedule != "cosine":
+        raise ValueError(f"unknown schedule {schedule!r}")
     # Extension, the cosine schedule (Nichol & Dhariwal 2021, Eq. 17): alpha_bar follows
     # cos^2, so it falls slowly at both ends and far fewer steps are spent on near-pure noise.
     s = 0.008
@@ -299,8 +311,8 @@ class UNet(nn.Module):
     level, concatenated into the first decoder block. The original DDPM U-Net keeps a
     skip after every block and has one more decoder block per level, each wider for the
     extra concatenations: more parameters than the case study's size (not built here, so
-    no count is given). No attention layers: the case study has none, and at 7 and 3 px the
-    convolutions already see the whole image.
+    no count is given). No attention layers for MNIST: the case study has none, and at 7 and
+    3 px the convolutions already see the whole image; CIFAR-10 adds them (attn_sizes).
     """
 
     def __init__(self, channels=(64, 128, 256, 256), num_res_blocks=2, in_channels=1, size=28,
@@ -476,8 +488,8 @@ def diffusion_loss(eps_model, schedule, x0, generator, min_snr_gamma=0.0, part=s
     B = x0.shape[0]
     t = torch.randint(0, schedule.T, (B,), device=x0.device, generator=generator)  # paper's 1..T
     eps = torch.randn(x0.shape, device=x0.device, generator=generator)
-    # Several processes each draw the whole batch's t and eps and keep their own share,
-    # so N processes take the same steps as one. With one process, part keeps everything.
+    # torchrun (Part II): several processes each draw the whole batch's t and eps and keep
+    # their own share, so N processes take the same steps as one. Alone, part keeps all.
     x0, t, eps = x0[part], t[part], eps[part]
     x_t = schedule.q_sample(x0, t, eps)
     eps_theta = eps_model(x_t, t)
@@ -510,50 +522,6 @@ def lr_at(step, cfg, total):
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
-
-def choose_precision(device, precision="auto"):
-    """(autocast dtype or None for fp32, why). Weights, optimizer state and EMA stay
-    float32 whatever this says; only matmuls and convolutions run in lower precision."""
-    if precision != "auto":
-        return AMP_DTYPES[precision], f"--precision {precision}"
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        cc = f"compute capability {major}.{minor}"
-        if major >= 8:
-            return torch.bfloat16, f"{cc} runs bf16 natively"
-        if major == 7:   # V100, T4: bf16 is emulated there (slow); fp16 tensor cores are not
-            return torch.float16, f"{cc} has fp16 tensor cores but only emulated bf16"
-        return None, f"{cc} has no tensor cores"
-    if device.type == "cpu":
-        if cpu_has_bf16():
-            return torch.bfloat16, "this CPU runs bf16 natively (AVX512-BF16 or AMX)"
-        return None, "this CPU has no native bf16"
-    return None, f"fp32 on {device.type} (autocast there not measured)"
-
-
-def cpu_has_bf16():
-    # a private oneDNN query: a CPU build without it (or one where it fails) runs fp32
-    query = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
-    try:
-        return bool(query()) if query is not None else False
-    except Exception:
-        return False
-
-
-def with_autocast(model, device, dtype):
-    """model(x, t) with its matmuls and convs in `dtype` (None: as is, fp32), and a
-    float32 result."""
-    if dtype is None:
-        return model
-
-    def eps_model(*args):
-        with torch.autocast(device.type, dtype=dtype):
-            return model(*args).float()
-    return eps_model
-
-
 def make_optimizer(model, cfg, device):
     # Fused AdamW updates every tensor in one kernel instead of ~6 small ops per tensor:
     # on the 2-core CPU it cut the preset's optimizer step from 9.3 to 3.0 ms.
@@ -570,14 +538,14 @@ class Parts:
     opt: torch.optim.Optimizer
     eps_model: object            # model, maybe compiled, under autocast: what the loss calls
     scaler: torch.amp.GradScaler  # fp16 only: scales the loss so small gradients do not flush to 0
-    part: slice = field(default_factory=lambda: slice(None))  # the images of each batch this process trains on: all, unless
-    #                              torchrun splits the batch over several processes (Part II)
+    # the images of each batch this process trains on: all, unless torchrun splits the batch
+    part: slice = field(default_factory=lambda: slice(None))
 
 
 def build(cfg, device, compile=False):
     """The schedule, the network, its float32 EMA copy and the optimizer, on `device`."""
     model = make_unet(cfg).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)   # eval: no dropout when it samples
     dtype, _ = choose_precision(device, cfg.precision)
     return Parts(make_schedule(cfg).to(device), model, ema, make_optimizer(model, cfg, device),
                  eps_model_for_training(model, device, cfg, compile),
@@ -712,24 +680,6 @@ def ddim_sample(eps_model, schedule, x_T, steps=DDIM_STEPS, eta=0.0, clip_x0=Tru
         if on_step:
             on_step(i, x, x0)
     return x
-
-
-@dataclass
-class Sampler:
-    """Which sampler, and how: what `sample`, `evaluate` and the pictures pass around."""
-    name: str = "ddim"           # "ddpm": Alg. 2, all T steps; "ddim": `steps` jumps
-    steps: int = DDIM_STEPS
-    eta: float = 0.0
-    clip_x0: bool = True
-
-    def timesteps(self, T):
-        """The indices t visited, in order."""
-        return list(range(T - 1, -1, -1)) if self.name == "ddpm" else ddim_timesteps(T, self.steps)
-
-    def __call__(self, eps_model, schedule, x_T, generator=None, on_step=None):
-        if self.name == "ddpm":
-            return ddpm_sample(eps_model, schedule, x_T, self.clip_x0, generator, on_step)
-        return ddim_sample(eps_model, schedule, x_T, self.steps, self.eta, self.clip_x0, generator, on_step)
 
 
 # =============================================================================
@@ -999,6 +949,9 @@ class Run:
         fresh = dict(epoch_loss_sum=0.0, history=[], seconds=0.0, bin_loss_sums=[0.0] * NOISE_BINS,
                      bin_counts=[0.0] * NOISE_BINS)
         step, self.state = restore(self.ckpt, p, gen) if self.ckpt else (0, fresh)
+        if step >= self.total_steps:
+            raise UserError(f"--resume: {self.ckpt_path} is at step {step} already; give more --epochs "
+                            f"(or a larger --max-steps) than the {self.total_steps} steps asked for")
         if self.world > 1:
             share_the_batch(p, cfg, self)
         if self.lead:
@@ -1061,7 +1014,7 @@ class Run:
         if len(self.recent) == LOSS_CHECK_EVERY or save_now:
             self.check_losses(step)
         self.state["seconds"] = self.seconds0 + time.time() - self.t_start
-        if save_now or end_of_epoch:
+        if save_now:
             self.gather_sums()
         if end_of_epoch:
             self.end_epoch(step // self.steps_per_epoch, step, p)
@@ -1114,7 +1067,8 @@ class Run:
             self.say(f"interrupted: saved {self.ckpt_path} at step {step}; continue with\n"
                      f"  python ddpm_mnist.py train --run-dir {self.run_dir} --resume", file=sys.stderr)
             leave(130, self)
-        self.say(f"saved {self.ckpt_path} at step {step} ({self.state['seconds']:.0f} s of training)")
+        self.say(f"saved {self.ckpt_path} at step {step} ({self.state['seconds']:.0f} s of training)"
+                 + ("; continue with --resume" if step < self.total_steps else ""))
         leave(None, self)
 
 
@@ -1148,15 +1102,17 @@ def share_the_batch(p, cfg, run):
 
 
 def torchrun_env():
-    """(rank, local rank, world size) as torchrun sets them; (0, 0, 1) without it."""
+    """(rank, local rank, world size, processes on this machine) as torchrun sets them;
+    (0, 0, 1, 1) without it."""
     env = os.environ
-    return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1))
+    world = int(env.get("WORLD_SIZE", 1))
+    return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), world, int(env.get("LOCAL_WORLD_SIZE", world))
 
 
 def start_processes(args, cfg):
     """Under torchrun: check what every process must agree on, then join the group.
     Returns (device, rank, world). Bad input fails in every process before any waiting."""
-    rank, local_rank, world = torchrun_env()
+    rank, local_rank, world, local_world = torchrun_env()
     device = resolve_device(args.device)
     if world == 1:
         return device, 0, 1
@@ -1164,15 +1120,66 @@ def start_processes(args, cfg):
         raise UserError(f"--batch-size {cfg.batch_size}: must divide evenly over the {world} processes "
                         "(it is the global batch)")
     if device.type == "cuda":
-        if torch.cuda.device_count() < world:
-            raise UserError(f"--device {args.device}: {world} processes but {torch.cuda.device_count()} "
-                            "visible CUDA devices; one process per device")
+        if torch.cuda.device_count() < local_world:
+            raise UserError(f"--device {args.device}: {local_world} processes on this machine but "
+                            f"{torch.cuda.device_count()} visible CUDA devices; one process per device")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise UserError(f"--device {args.device}: several processes run on CUDA (nccl) or the CPU (gloo)")
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if rank == 0:             # one download, not one per process into the same folder
+        load_data(cfg, args.data_dir)
+    torch.distributed.barrier()
     return device, rank, world
+
+
+# -----------------------------------------------------------------------------
+# Precision: which autocast, by device. Part I's build() asks choose_precision.
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def choose_precision(device, precision="auto"):
+    """(autocast dtype or None for fp32, why). Weights, optimizer state and EMA stay
+    float32 whatever this says; only matmuls and convolutions run in lower precision."""
+    if precision != "auto":
+        return AMP_DTYPES[precision], f"--precision {precision}"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        cc = f"compute capability {major}.{minor}"
+        if major >= 8:
+            return torch.bfloat16, f"{cc} runs bf16 natively"
+        if major == 7:   # V100, T4: bf16 is emulated there (slow); fp16 tensor cores are not
+            return torch.float16, f"{cc} has fp16 tensor cores but only emulated bf16"
+        return None, f"{cc} has no tensor cores"
+    if device.type == "cpu":
+        if cpu_has_bf16():
+            return torch.bfloat16, "this CPU runs bf16 natively (AVX512-BF16 or AMX)"
+        return None, "this CPU has no native bf16"
+    return None, f"fp32 on {device.type} (autocast there not measured)"
+
+
+def cpu_has_bf16():
+    # a private oneDNN query: a CPU build without it (or one where it fails) runs fp32
+    query = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(query()) if query is not None else False
+    except Exception:
+        return False
+
+
+def with_autocast(model, device, dtype):
+    """model(x, t) with its matmuls and convs in `dtype` (None: as is, fp32), and a
+    float32 result."""
+    if dtype is None:
+        return model
+
+    def eps_model(*args):
+        with torch.autocast(device.type, dtype=dtype):
+            return model(*args).float()
+    return eps_model
 
 
 def set_fast_math(device):
@@ -1202,6 +1209,24 @@ def resolve_device(name):
 
 # -----------------------------------------------------------------------------
 # Sampling many: batches, one progress bar, and the three output formats.
+
+
+@dataclass
+class Sampler:
+    """Which sampler, and how: what `sample`, `evaluate` and the pictures pass around."""
+    name: str = "ddim"           # "ddpm": Alg. 2, all T steps; "ddim": `steps` jumps
+    steps: int = DDIM_STEPS
+    eta: float = 0.0
+    clip_x0: bool = True
+
+    def timesteps(self, T):
+        """The indices t visited, in order."""
+        return list(range(T - 1, -1, -1)) if self.name == "ddpm" else ddim_timesteps(T, self.steps)
+
+    def __call__(self, eps_model, schedule, x_T, generator=None, on_step=None):
+        if self.name == "ddpm":
+            return ddpm_sample(eps_model, schedule, x_T, self.clip_x0, generator, on_step)
+        return ddim_sample(eps_model, schedule, x_T, self.steps, self.eta, self.clip_x0, generator, on_step)
 
 
 def generate(eps_model, schedule, sampler, shape, seed=0, batch_size=256):
@@ -1595,7 +1620,7 @@ def interpolation_noise(rows, cols, seed, shape=IMAGE_SHAPES["mnist"]):
 def progress_picture(run_dir, epochs, n=8):
     """The first n samples of the chosen per-epoch grids, one row per epoch. A row has as
     many samples as the narrowest grid holds, so a run with a small --grid-n still works."""
-    found = {int(p.stem[len("grid_epoch"):]): p for p in Path(run_dir).glob("grid_epoch*.png")}
+    found = {int(m[1]): p for p in Path(run_dir).glob("grid_epoch*.png") if (m := re.fullmatch(r"grid_epoch(\d+)\.png", p.name))}
     have = sorted(found)
     # a short run shows every epoch; a long one the chosen ones and always its last
     chosen = have if len(have) <= 6 else sorted({e for e in epochs if e in found} | {have[-1]})
@@ -1828,7 +1853,8 @@ def add_seed(p, what="the starting noise"):
 
 def add_data_dir(p):
     p.add_argument("--data-dir", default="data",
-                   help="folder holding MNIST/raw; downloaded there if missing (default: data)")
+                   help="folder holding MNIST/raw (or cifar-10-batches-py); downloaded there if missing "
+                        "(default: data)")
 
 
 def add_precision(p, default="auto"):
@@ -1868,7 +1894,7 @@ def add_train_parser(sub):
                         "a laptop CPU; cifar10: the DDPM paper's CIFAR-10 model (default: paper)")
     p.add_argument("--dataset", choices=tuple(IMAGE_SHAPES),
                    help=f"images to learn; the network follows their channels and size {preset_default('dataset')}")
-    p.add_argument("--epochs", type=int_in(1), help=f"passes over the 60,000 images {preset_default('epochs')}")
+    p.add_argument("--epochs", type=int_in(1), help=f"passes over the training images {preset_default('epochs')}")
     p.add_argument("--batch-size", type=int_in(1), help=f"images per step {preset_default('batch_size')}")
     p.add_argument("--lr", type=float_over(0, strict=True), help=f"AdamW learning rate {preset_default('lr')}")
     p.add_argument("--channels", type=channels_arg,
@@ -1908,8 +1934,8 @@ def add_sample_parser(sub):
     p.add_argument("--n", type=int_in(1), default=64, help="number of samples (default: 64)")
     p.add_argument("--batch-size", type=int_in(1), default=256, help="samples per batch (default: 256)")
     p.add_argument("--format", choices=("png", "npz", "png-dir"), default="png",
-                   help="png: one grid; npz: uint8 array 'images' (N, 28, 28); png-dir: one PNG per "
-                        "sample, for pytorch-fid or clean-fid (default: png)")
+                   help="png: one grid; npz: uint8 array 'images', (N, 28, 28) for MNIST or (N, 32, 32, 3) "
+                        "for CIFAR-10; png-dir: one PNG per sample, for pytorch-fid or clean-fid (default: png)")
     p.add_argument("--gif", action="store_true",
                    help="write an animated GIF of x_t beside the predicted x_0 at every step instead")
     p.add_argument("--out", help="output path (default: samples/<sampler>_<steps>.png, .npz, .gif or folder)")
@@ -1999,7 +2025,9 @@ def add_interpolate_parser(sub):
 def add_progress_parser(sub):
     p = sub.add_parser("progress", help="picture: a run's per-epoch EMA grids, one row per epoch")
     p.add_argument("--run-dir", default="runs/ddpm", help="run folder with grid_epochNNN.png (default: runs/ddpm)")
-    p.add_argument("--epochs", default="1,5,10,20,30,50", help="epochs to show (default: 1,5,10,20,30,50)")
+    p.add_argument("--epochs", default="1,5,10,20,30,50",
+                   help="epochs to show when the run has more than 6 grids (fewer: all of them), plus always "
+                        "the last (default: 1,5,10,20,30,50)")
     p.add_argument("--n", type=int_in(1, 8), default=8,
                    help="samples per row, at most what the grids hold (default: 8)")
     p.add_argument("--out", default="samples/progress.png", help="picture path (default: samples/progress.png)")
@@ -2061,8 +2089,9 @@ def cmd_train(args):
     device, rank, world = start_processes(args, cfg)
     set_fast_math(device)
     torch.manual_seed(cfg.seed)                              # the initial weights, the same in every process
-    train(cfg, Run(args.run_dir, device, args.data_dir, ckpt, args.max_steps, args.max_minutes,
-                   args.ckpt_every, args.compile, rank, world))
+    train(cfg, Run(args.run_dir, device, data_dir=args.data_dir, ckpt=ckpt, max_steps=args.max_steps,
+                   max_minutes=args.max_minutes, ckpt_every=args.ckpt_every, compile=args.compile,
+                   rank=rank, world=world))
 
 
 def sampler_from_args(args, T):
@@ -2131,7 +2160,7 @@ def evaluate_out(args, ckpt_path):
         return Path(args.out)
     if args.samples:
         return Path(args.samples).with_name("evaluate.json")
-    return Path("evaluate.json") if ckpt_path == SHIPPED_CKPT else ckpt_path.with_name("evaluate.json")
+    return Path("evaluate.json") if ckpt_path.resolve() == SHIPPED_CKPT else ckpt_path.with_name("evaluate.json")
 
 
 def only_digits(cfg, ckpt_path):
@@ -2174,8 +2203,9 @@ COMPARE = (("DDPM 1000", Sampler("ddpm", 1000)), ("DDIM 10", Sampler("ddim", 10)
 
 def cmd_compare(args):
     check_out("--out", args.out)
-    eps_model, schedule, cfg = load_for_sampling(args, checkpoint_to_sample(args.ckpt))
-    only_digits(cfg, args.ckpt)
+    ckpt_path = checkpoint_to_sample(args.ckpt)
+    eps_model, schedule, cfg = load_for_sampling(args, ckpt_path)
+    only_digits(cfg, ckpt_path)
     device = schedule.betas.device
     clf, cache = classifier_cache(args.classifier, args.data_dir, device)
     rows, firsts = [], []

@@ -93,7 +93,8 @@ def test_bf16_and_fp32_training_give_the_same_losses():
         ema = copy.deepcopy(base)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         g = torch.Generator().manual_seed(2)
-        parts = dm.Parts(s, model, ema, opt, dm.with_autocast(model, torch.device("cpu"), bf16))
+        parts = dm.Parts(s, model, ema, opt, dm.with_autocast(model, torch.device("cpu"), torch.bfloat16 if bf16 else None),
+                         torch.amp.GradScaler("cpu", enabled=False))
         runs[bf16] = [dm.train_step(parts, x0, g, n, cfg)[0].item() for n in range(5)]
     for a, b in zip(runs[False], runs[True]):
         assert abs(a - b) < 0.02 * a, runs

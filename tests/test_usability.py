@@ -150,8 +150,8 @@ def test_readme_commands_use_the_default_data_folder():
 # --- logs and other platforms ------------------------------------------------------
 
 def test_progress_bars_into_a_log_redraw_rarely(tiny_run, tmp_path):
-    r = cli("sample", "--ckpt", tiny_run / "ckpt.pt", "--sampler", "ddpm", "--n", "4", "--out", tmp_path / "d.png",
-            "--device", "cpu")
+    r = cli("sample", "--ckpt", tiny_run / "ckpt.pt", "--steps", "300", "--n", "4", "--out", tmp_path / "d.png",
+            "--device", "cpu")                                 # a tqdm default would redraw every 0.1 s
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("\r") + r.stderr.count("\n") <= 6, r.stderr[-800:]
 
@@ -178,3 +178,23 @@ def test_bf16_auto_falls_back_to_fp32_without_the_onednn_query(monkeypatch):
         monkeypatch.setattr(torch.ops, "mkldnn", stand_in, raising=False)
         assert dm.choose_precision(cpu, "auto")[0] is None
     assert dm.choose_precision(cpu, "bf16")[0] == torch.bfloat16 and dm.choose_precision(cpu, "fp32")[0] is None
+
+
+def test_resuming_a_finished_run_is_one_line(tiny_run, mnist_dir, tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "ckpt.pt").write_bytes((tiny_run / "ckpt.pt").read_bytes())
+    r = cli("train", "--run-dir", run, "--resume", "--device", "cpu", "--data-dir", mnist_dir)
+    assert r.returncode == 2 and "step 16 already" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_progress_skips_stray_files_and_unknown_schedules_are_refused(tiny_run, tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    for name in ("grid_epoch001.png", "grid_epoch002.png", "config.json"):
+        (run / name).write_bytes((tiny_run / name).read_bytes())
+    (run / "grid_epoch_old.png").write_bytes((tiny_run / "grid_epoch001.png").read_bytes())
+    dm.main(["progress", "--run-dir", str(run), "--out", str(tmp_path / "p.png")])
+    assert Image.open(tmp_path / "p.png").size[1] == 2 + 2 * (28 * 2 + 2)
+    with pytest.raises(ValueError, match="quadratic"):
+        dm.make_betas(1000, 1e-4, 0.02, "quadratic")
