@@ -1,6 +1,5 @@
 """The CIFAR-10 extension on a tiny synthetic copy in torchvision's format: 32 px colour
 end to end, the network's attention and flips, and MNIST left exactly as it was."""
-import json
 import pickle
 
 import numpy as np
