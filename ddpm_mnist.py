@@ -1247,6 +1247,8 @@ def generate(eps_model, schedule, sampler, shape, seed=0, batch_size=256):
 
 
 def write_samples(images, out, fmt):
+    """png: one square-ish grid to look at; npz: exact uint8 arrays to measure; png-dir:
+    one file per sample, the input standard FID tools expect."""
     if fmt == "png":
         save_png(grid_image(images, nrow=max(1, round(math.sqrt(len(images))))), out)
     elif fmt == "npz":
@@ -1745,6 +1747,11 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+# argparse types: each turns a bad value into one line naming what is allowed, which the
+# Parser above prints with the flag's name. Checking here, at parse time, is what lets a
+# bad flag fail before any model is built or any file is touched.
+
+
 def int_in(lo, hi=None):
     def parse(s):
         try:
@@ -1763,7 +1770,7 @@ def float_over(lo, strict):
             v = float(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"'{s}' is not a number") from None
-        if not math.isfinite(v) or v < lo or (strict and v == lo):
+        if not math.isfinite(v) or v < lo or (strict and v == lo):     # "nan" parses as a float
             raise argparse.ArgumentTypeError(f"{s} must be {'>' if strict else '>='} {lo}")
         return v
     return parse
@@ -1806,6 +1813,8 @@ def check_out(flag, path, folder=False):
         raise UserError(f"{flag} {path}: is a folder; give a file name")
     if not parent.is_dir():
         raise UserError(f"{flag} {path}: the folder {parent} does not exist")
+    # Try a real write: os.access can say yes where creating a file still fails (root in
+    # /proc, some network mounts), and finding out after an hour of sampling loses the hour.
     try:
         with open(parent / f".ddpm_write_test.{os.getpid()}", "wb"):
             pass
@@ -2062,6 +2071,8 @@ def build_parser():
 def train_config(args):
     """The preset, overlaid with the flags given; on --resume, the checkpoint's config.
     Returns the config and the checkpoint to resume from (read once, here)."""
+    # Train flags default to None, so "given" means typed on the command line: a preset's
+    # value is only overridden by what the user asked for.
     given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     ckpt_path = Path(args.run_dir) / "ckpt.pt"
     if args.resume and args.overwrite:
@@ -2072,6 +2083,8 @@ def train_config(args):
         ckpt = load_checkpoint(ckpt_path, "--resume")
         check_resumable(ckpt, ckpt_path)
         saved = config_from_dict(ckpt["config"])
+        # a resumed run must be the same run: a changed lr or width would silently make a
+        # different model from the same checkpoint; only its length may grow
         for k, v in given.items():
             if k != "epochs" and v != getattr(saved, k):
                 raise UserError(f"--{k.replace('_', '-')} {v}: differs from the checkpoint's {getattr(saved, k)}; "
@@ -2117,6 +2130,7 @@ def cmd_sample(args):
     if args.gif and args.format != "png":
         raise UserError("--gif: writes a GIF; leave --format at png")
     sampler = sampler_from_args(args, DEFAULTS.T)
+    # the output is checked before the model loads: a wrong suffix or folder is caught at once
     ext = ".gif" if args.gif else {"png": ".png", "npz": ".npz", "png-dir": ""}[args.format]
     out = args.out or f"samples/{sampler.name}_{sampler.steps}{ext}"
     if ext and Path(out).suffix.lower() != ext:
@@ -2124,7 +2138,7 @@ def cmd_sample(args):
     check_out("--out", out, folder=args.format == "png-dir")
     eps_model, schedule, cfg = load_for_sampling(args, checkpoint_to_sample(args.ckpt))
     device, t0 = schedule.betas.device, time.time()
-    if args.gif:
+    if args.gif:  # the same seeds as generate(), so a GIF ends on the grid `sample` would draw
         x_T = torch.randn(args.n, *image_shape(cfg), generator=torch.Generator().manual_seed(args.seed)).to(device)
         frames = denoising_gif(eps_model, schedule, x_T, sampler, torch.Generator(device).manual_seed(args.seed + 1))
         save_gif(frames, out)
@@ -2279,6 +2293,8 @@ def cmd_export(args):
     out = Path(args.out)
     if out.suffix != ".pt":
         raise UserError(f"--out {out}: must end in .pt")
+    # an export holds no optimizer state: written over its own checkpoint, training could
+    # never resume, so that one path is refused
     if out.exists() and out.resolve() == Path(args.ckpt).resolve():
         raise UserError(f"--out {out}: is the --ckpt itself; writing over it would lose the training state")
     check_out("--out", out)
@@ -2290,6 +2306,8 @@ def cmd_export(args):
 
 
 def main(argv=None):
+    """Parse, run the subcommand, and turn every UserError into one line and exit code 2:
+    bad input never shows a traceback."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
