@@ -64,10 +64,10 @@ def test_a_skipped_scaler_step_changes_nothing_and_does_not_stop_training(mnist_
     assert all(torch.equal(a, b) for a, b in zip(before, p.model.parameters()))
     # a whole run in fp16 on the CPU: every step that overflows is skipped, training goes on
     run = tmp_path / "fp16"
-    dm.main(["train", *TINY_ARGS, "--grid-n", "0", "--epochs", "1", "--precision", "fp16",
+    dm.main(["train", *TINY_ARGS, "--grid-n", "0", "--max-steps", "3", "--precision", "fp16",
              "--data-dir", str(mnist_dir), "--run-dir", str(run)])
     ck = torch.load(run / "ckpt.pt", weights_only=True)
-    assert ck["step"] == 8 and ck["scaler"]["scale"] > 0 and ck["config"]["precision"] == "fp16"
+    assert ck["step"] == 3 and ck["scaler"]["scale"] > 0 and ck["config"]["precision"] == "fp16"
 
 
 def torchrun(*args, nproc=2, timeout=240):
@@ -108,12 +108,23 @@ def test_bad_input_under_torchrun_stops_every_process_with_one_line(mnist_dir, t
     """Each process checks before joining the group, so none is left waiting. torchrun
     stops the others at the first failure (and prints its own report), so a process may
     be ended before it prints: at least one line, and all of ours the same one line."""
-    cases = [(["train", *TINY_ARGS, "--batch-size", "33", "--run-dir", tmp_path / "x"], "error: --batch-size 33: ")]
-    if not torch.cuda.is_available():
-        cases.append((["train", "--device", "cuda", "--run-dir", tmp_path / "y"], "error: --device cuda: "))
-    for args, start in cases:
-        r = torchrun(*args, "--data-dir", mnist_dir, timeout=120)
-        ours = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-        assert r.returncode != 0 and 1 <= len(ours) <= 2 and len(set(ours)) == 1, r.stderr[-2000:]
-        assert ours[0].startswith(start) and "exitcode  : 2" in r.stderr
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    r = torchrun("train", *TINY_ARGS, "--batch-size", "33", "--run-dir", tmp_path / "x", "--data-dir", mnist_dir,
+                 timeout=120)
+    ours = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert r.returncode != 0 and 1 <= len(ours) <= 2 and len(set(ours)) == 1, r.stderr[-2000:]
+    assert ours[0].startswith("error: --batch-size 33: ") and "exitcode  : 2" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_more_processes_than_cards_is_refused_before_joining(monkeypatch):
+    """What each of 4 torchrun processes on a 2-card machine checks first."""
+    import argparse
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    args = argparse.Namespace(device="cuda", data_dir="data")
+    with pytest.raises(dm.UserError, match="--device cuda: 4 processes on this machine but 2 visible"):
+        dm.start_processes(args, dm.Config())
+    with pytest.raises(dm.UserError, match="--batch-size 126: must divide evenly over the 4"):
+        dm.start_processes(args, dm.Config(batch_size=126))

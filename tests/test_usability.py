@@ -150,7 +150,7 @@ def test_readme_commands_use_the_default_data_folder():
 # --- logs and other platforms ------------------------------------------------------
 
 def test_progress_bars_into_a_log_redraw_rarely(tiny_run, tmp_path):
-    r = cli("sample", "--ckpt", tiny_run / "ckpt.pt", "--steps", "300", "--n", "4", "--out", tmp_path / "d.png",
+    r = cli("sample", "--ckpt", tiny_run / "ckpt.pt", "--steps", "150", "--n", "4", "--out", tmp_path / "d.png",
             "--device", "cpu")                                 # a tqdm default would redraw every 0.1 s
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("\r") + r.stderr.count("\n") <= 6, r.stderr[-800:]
