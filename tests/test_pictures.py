@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -88,8 +89,9 @@ def test_export_writes_the_ema_in_fp16_and_sampling_reads_it(tiny_run, tmp_path)
     assert np.abs(full - half).mean() < 2.0          # in uint8 levels, of 255
 
 
-def test_the_committed_fp16_weights_load():
-    path = Path(__file__).parent.parent / "samples" / "ema_fp16.pt"
+@pytest.mark.parametrize("name", ["ema_fp16.pt", "ema_cpu_fp16.pt"])
+def test_the_committed_fp16_weights_load(name):
+    path = Path(__file__).parent.parent / "samples" / name
     e = torch.load(path, weights_only=True)
     assert all(v.dtype == torch.float16 for v in e["ema"].values())
     model, cfg = dm.model_from_checkpoint(dm.load_checkpoint(path))
