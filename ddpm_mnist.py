@@ -36,6 +36,9 @@ Extensions, each off unless asked for:
     python ddpm_mnist.py train --schedule cosine    # Nichol & Dhariwal's cosine schedule
     python ddpm_mnist.py train --lr-schedule cosine --warmup-steps 100 --min-snr-gamma 5
     python ddpm_mnist.py train --preset cifar10     # 32x32 colour, the DDPM paper's CIFAR-10 model
+    python ddpm_mnist.py train --preset cpu --cond --epochs 4   # a class-conditional model
+    python ddpm_mnist.py sample --ckpt samples/ema_cond_fp16.pt --class 7 --guidance 3
+    python ddpm_mnist.py compare --ckpt samples/ema_cond_fp16.pt --guidance 0,1,2,3,5,8
     torchrun --standalone --nproc_per_node=4 ddpm_mnist.py train   # several GPUs
 
 Until `train` has written runs/ddpm/ckpt.pt, the sampling commands use the committed
@@ -99,6 +102,9 @@ class Config:
     lr_schedule: str = "constant"  # "cosine": linear warm-up, then cosine decay to 0
     warmup_steps: int = 0        # steps of linear warm-up, with lr_schedule "cosine"
     min_snr_gamma: float = 0.0   # 0: plain MSE, as the case study; 5: min-SNR-gamma weighting
+    # Extension, class conditioning and classifier-free guidance (the label embedding in UNet)
+    num_classes: int = 0         # 0: unconditional, as the case study; 10: ask for a digit
+    p_uncond: float = 0.1        # with num_classes: the share of labels dropped to "no label"
     preset: str = "paper"
 
 
@@ -118,6 +124,7 @@ PRESETS = {
                       hflip=True, epochs=100, preset="cifar10"),
 }
 IMAGE_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}   # (C, H, W) of each data set's images
+NUM_CLASSES = 10                 # digits 0-9, or CIFAR-10's ten classes: what --cond conditions on
 SCHEDULES = ("linear", "cosine")
 GROUPS = 8                       # GroupNorm groups, so every width must divide by 8
 DDIM_STEPS = 50                  # the case study's fast sampler: 50 of the T steps
@@ -318,12 +325,17 @@ class UNet(nn.Module):
     """
 
     def __init__(self, channels=(64, 128, 256, 256), num_res_blocks=2, in_channels=1, size=28,
-                 attn_sizes=(), dropout=0.0):
+                 attn_sizes=(), dropout=0.0, num_classes=None):
         super().__init__()
         c0, t_dim = channels[0], 4 * channels[0]
         self.c0 = c0
         # 2-layer MLP on the sinusoidal embedding; its SiLU'd output feeds every block
         self.time_mlp = nn.Sequential(nn.Linear(c0, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim), nn.SiLU())
+        # Extension, class conditioning: one learned vector per label and a last row for
+        # "no label" (the null label, num_classes), added to the time embedding so that
+        # every block sees both. Unconditional networks have no such layer.
+        self.num_classes = num_classes
+        self.label_emb = nn.Embedding(num_classes + 1, t_dim) if num_classes else None
         self.stem = nn.Conv2d(in_channels, c0, 3, padding=1)
         self.sizes = [size]
         self.enc, self.down = nn.ModuleList(), nn.ModuleList()
@@ -349,8 +361,10 @@ class UNet(nn.Module):
                 self.attn.update({f"dec{i}_{j}": SelfAttention(c) for j in range(num_res_blocks)})
         self.out = nn.Sequential(GroupNorm(GROUPS, c0), nn.SiLU(), nn.Conv2d(c0, in_channels, 3, padding=1))
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         t_emb = self.time_mlp(timestep_embedding(t, self.c0))           # (B,) -> (B, 4*c0)
+        if self.label_emb is not None:                                  # conditional; y None: no label
+            t_emb = t_emb + self.label_emb(torch.full_like(t, self.num_classes) if y is None else y)
         h = self.stem(x)                                                # (B, c0, 28, 28)
         skips = []
         for i, blocks in enumerate(self.enc):
@@ -373,7 +387,7 @@ class UNet(nn.Module):
 def make_unet(cfg):
     """The network a config describes, its input shaped like the config's images."""
     C, H, _ = image_shape(cfg)
-    return UNet(cfg.channels, cfg.num_res_blocks, C, H, cfg.attn_sizes, cfg.dropout)
+    return UNet(cfg.channels, cfg.num_res_blocks, C, H, cfg.attn_sizes, cfg.dropout, cfg.num_classes or None)
 
 
 def count_params(model):
@@ -484,9 +498,10 @@ def to_uint8(x):
 # Step 4c: training, Alg. 1.
 
 
-def diffusion_loss(eps_model, schedule, x0, generator, min_snr_gamma=0.0, part=slice(None)):
-    """Alg. 1: t ~ Uniform, eps ~ N(0, I), loss = || eps - eps_theta(x_t, t) ||^2.
-    Also returns each image's t and squared error, detached, for the loss-by-noise-level log."""
+def diffusion_loss(eps_model, schedule, x0, generator, min_snr_gamma=0.0, part=slice(None), y=None):
+    """Alg. 1: t ~ Uniform, eps ~ N(0, I), loss = || eps - eps_theta(x_t, t) ||^2 (with labels
+    y, a conditional model's eps_theta(x_t, t, y)). Also returns each image's t and squared
+    error, detached, for the loss-by-noise-level log."""
     B = x0.shape[0]
     t = torch.randint(0, schedule.T, (B,), device=x0.device, generator=generator)  # paper's 1..T
     eps = torch.randn(x0.shape, device=x0.device, generator=generator)
@@ -494,7 +509,7 @@ def diffusion_loss(eps_model, schedule, x0, generator, min_snr_gamma=0.0, part=s
     # their own share, so N processes take the same steps as one. Alone, part keeps all.
     x0, t, eps = x0[part], t[part], eps[part]
     x_t = schedule.q_sample(x0, t, eps)
-    eps_theta = eps_model(x_t, t)
+    eps_theta = eps_model(x_t, t) if y is None else eps_model(x_t, t, y[part])
     per_image = (eps_theta - eps).pow(2).mean(dim=(1, 2, 3))           # (B,)
     if not min_snr_gamma:
         loss = F.mse_loss(eps_theta, eps)
@@ -509,6 +524,14 @@ def min_snr_weight(schedule, t, gamma):
     It turns down the many nearly clean timesteps, whose gradients fight the noisy ones."""
     snr = schedule.sqrt_recipm1_alphas_cumprod[t] ** -2   # from float64: 1 - alpha_bar_t in float32 loses digits
     return snr.clamp(max=gamma) / snr
+
+
+def drop_labels(y, p_uncond, null_label, generator):
+    """Extension, classifier-free guidance training (Ho & Salimans 2022): each label becomes
+    the null label with probability p_uncond, so one network learns both eps(x_t, t, y) and
+    the unconditional eps(x_t, t, null) that guidance (Step 5) steers away from."""
+    drop = torch.rand(y.shape, device=y.device, generator=generator) < p_uncond
+    return torch.where(drop, torch.full_like(y, null_label), y)
 
 
 def lr_at(step, cfg, total):
@@ -559,10 +582,10 @@ def eps_model_for_training(model, device, cfg, compile=False):
     return with_autocast(fwd, device, choose_precision(device, cfg.precision)[0])
 
 
-def train_step(p, x0, generator, step, cfg):
+def train_step(p, x0, generator, step, cfg, y=None):
     """One optimizer step and one EMA update; returns the loss (a 0-d device tensor),
     and each image's t and error for the log."""
-    loss, t, per_image = diffusion_loss(p.eps_model, p.schedule, x0, generator, cfg.min_snr_gamma, p.part)
+    loss, t, per_image = diffusion_loss(p.eps_model, p.schedule, x0, generator, cfg.min_snr_gamma, p.part, y)
     p.opt.zero_grad(set_to_none=True)
     p.scaler.scale(loss).backward()     # with the scaler off (bf16, fp32) these three lines
     p.scaler.step(p.opt)                # are loss.backward() and opt.step(); with fp16 a step
@@ -574,8 +597,8 @@ def train_step(p, x0, generator, step, cfg):
 def train(cfg, run):
     """Alg. 1 as one flat loop. The algorithm is all here; `run` (Part II) keeps the
     files, the clock and Ctrl-C, and checkpoints so that a killed run resumes exactly."""
-    images, _ = load_data(cfg, run.data_dir)
-    data = images.to(run.device)                            # (N, 28, 28) uint8 (MNIST), on the device
+    images, labels = load_data(cfg, run.data_dir)
+    data, labels = images.to(run.device), labels.to(run.device)  # (N, 28, 28) uint8 (MNIST), (N,)
     steps_per_epoch = len(data) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"--batch-size {cfg.batch_size}: larger than the {len(data)} training images")
@@ -595,9 +618,10 @@ def train(cfg, run):
             batches = epoch_batches(len(data), cfg.batch_size, cfg.seed, epoch).to(run.device)
         x0 = to_model_range(data[batches[i]])               # (B, C, H, W) in [-1, 1]
         x0 = random_hflip(x0, gen) if cfg.hflip else x0     # CIFAR-10 only
+        y = drop_labels(labels[batches[i]], cfg.p_uncond, cfg.num_classes, gen) if cfg.num_classes else None
         for group in p.opt.param_groups:
             group["lr"] = lr_at(step, cfg, horizon)
-        run.record(*train_step(p, x0, gen, step, cfg))
+        run.record(*train_step(p, x0, gen, step, cfg, y))
     run.finish(step)
     return p
 
@@ -684,6 +708,25 @@ def ddim_sample(eps_model, schedule, x_T, steps=DDIM_STEPS, eta=0.0, clip_x0=Tru
     return x
 
 
+# -----------------------------------------------------------------------------
+# Extension, classifier-free guidance (Ho & Salimans 2022, https://arxiv.org/abs/2207.12598).
+# A conditional network, trained with some labels dropped (drop_labels), predicts the noise
+# both for a digit y and for no label. Sampling pushes further in the direction that y adds:
+# the samplers above take the result as any other eps_model(x, t).
+
+
+def guided(eps_model, y, s, null_label):
+    """eps~(x_t, t) = eps(x_t, t, null) + s * (eps(x_t, t, y) - eps(x_t, t, null)).
+    s = 0 ignores y, s = 1 is the plain conditional model, s > 1 trades diversity for
+    fidelity to y. The paper writes (1 + w) eps(y) - w eps(null): its w is s - 1. Both
+    terms come from one forward pass over the doubled batch."""
+    def eps_tilde(x, t):
+        null = torch.full_like(y, null_label)
+        eps_y, eps_null = eps_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+        return eps_null + s * (eps_y - eps_null)
+    return eps_tilde
+
+
 # =============================================================================
 # PART II: THE TOOL
 #
@@ -751,6 +794,7 @@ def progress_bar(**kw):
 
 
 GRID_PAD = 2                     # white lines between the cells of a grid, in pixels
+GRID_COLUMNS = 8                 # samples per row of the per-epoch grids
 
 
 def to_image(a):
@@ -758,7 +802,7 @@ def to_image(a):
     return Image.fromarray(a.cpu().numpy())
 
 
-def grid_image(images_uint8, nrow=8, pad=GRID_PAD):
+def grid_image(images_uint8, nrow=GRID_COLUMNS, pad=GRID_PAD):
     """uint8 (N, H, W) or (N, H, W, 3) -> one grid, nrow images a row, white lines
     between them (torchvision's make_grid layout)."""
     n, h, w = images_uint8.shape[:3]
@@ -815,7 +859,7 @@ def checkpoint_to_sample(ckpt_flag):
         return DEFAULT_CKPT
     cfg = config_from_dict(load_checkpoint(SHIPPED_CKPT)["config"])
     print(f"note: no {DEFAULT_CKPT} yet, so using the committed weights samples/ema_fp16.pt "
-          f"(preset {cfg.preset}, {cfg.epochs} epochs on {cfg.dataset.upper()}); "
+          f"(preset {cfg.preset}, {cfg.dataset.upper()}; samples/README.md says how it was trained); "
           f"`python ddpm_mnist.py train` makes your own", file=sys.stderr)
     return SHIPPED_CKPT
 
@@ -915,8 +959,11 @@ def epoch_grid(p, cfg, path):
     device = p.schedule.betas.device
     x_T = torch.randn(cfg.grid_n, *image_shape(cfg), generator=torch.Generator().manual_seed(cfg.seed + 1))
     eps_model = with_autocast(p.ema, device, choose_precision(device, cfg.precision)[0])
+    if cfg.num_classes:                      # a conditional run: one digit per row of the grid
+        y = digit_rows(cfg.grid_n, GRID_COLUMNS, cfg.num_classes).to(device)
+        eps_model = guided(eps_model, y, DEFAULT_GUIDANCE, cfg.num_classes)
     x0 = ddim_sample(eps_model, p.schedule, x_T.to(device), steps=DDIM_STEPS)
-    save_png(grid_image(to_uint8(x0)), path)
+    save_png(grid_image(to_uint8(x0), GRID_COLUMNS), path)
 
 
 LOSS_CHECK_EVERY = 50            # steps between NaN checks and progress-bar updates
@@ -960,7 +1007,9 @@ class Run:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_text(json.dumps(asdict(cfg), indent=2) + "\n", self.run_dir / "config.json")
         dtype, why = choose_precision(self.device, cfg.precision)
-        self.say(f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}; device {self.device}"
+        self.say(f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}"
+                 + (f", class-conditional (p_uncond {cfg.p_uncond})" if cfg.num_classes else "")
+                 + f"; device {self.device}"
                  + (f" x {self.world} processes" if self.world > 1 else "")
                  + f"; {precision_name(dtype)} ({why}); {steps_per_epoch} steps/epoch, {cfg.epochs} epochs"
                  + (f"; resuming at step {step}" if step else ""))
@@ -1231,9 +1280,27 @@ class Sampler:
         return ddim_sample(eps_model, schedule, x_T, self.steps, self.eta, self.clip_x0, generator, on_step)
 
 
-def generate(eps_model, schedule, sampler, shape, seed=0, batch_size=256):
+@dataclass
+class Guidance:
+    """Extension: what a conditional model is asked for: one label per sample and the scale
+    s of guided()."""
+    labels: torch.Tensor         # (N,) int64
+    scale: float
+    null_label: int              # the network's "no label", its num_classes
+
+
+DEFAULT_GUIDANCE = 3.0           # s when --guidance is not given
+
+
+def digit_rows(n, ncol, num_classes=NUM_CLASSES):
+    """Labels for n samples laid out ncol to a row: row r asks for class r mod num_classes."""
+    return (torch.arange(n) // ncol) % num_classes
+
+
+def generate(eps_model, schedule, sampler, shape, seed=0, batch_size=256, guidance=None):
     """shape[0] samples as uint8 (N, H, W), made in batches. x_T comes from a CPU generator,
-    so the same seed gives the same starting noise on every device."""
+    so the same seed gives the same starting noise on every device. `guidance`: labels and
+    scale for a conditional model."""
     n, device = shape[0], schedule.betas.device
     g_noise = torch.Generator().manual_seed(seed)
     g_step = torch.Generator(device).manual_seed(seed + 1)     # DDPM's and DDIM(eta>0)'s z
@@ -1243,18 +1310,27 @@ def generate(eps_model, schedule, sampler, shape, seed=0, batch_size=256):
                       leave=False) as bar:
         for start in range(0, n, batch_size):
             x_T = torch.randn(min(batch_size, n - start), *shape[1:], generator=g_noise).to(device)
-            x0 = sampler(eps_model, schedule, x_T, g_step, on_step=lambda *_: bar.update())
+            model = eps_model if guidance is None else guided(
+                eps_model, guidance.labels[start:start + len(x_T)].to(device), guidance.scale, guidance.null_label)
+            x0 = sampler(model, schedule, x_T, g_step, on_step=lambda *_: bar.update())
             out.append(to_uint8(x0).cpu())
     return torch.cat(out)
 
 
-def write_samples(images, out, fmt):
-    """png: one square-ish grid to look at; npz: exact uint8 arrays to measure; png-dir:
-    one file per sample, the input standard FID tools expect."""
+def grid_columns(n):
+    """Samples per row of a `sample` grid: a square-ish picture."""
+    return max(1, round(math.sqrt(n)))
+
+
+def write_samples(images, out, fmt, labels=None):
+    """png: one square-ish grid to look at; npz: exact uint8 arrays to measure (and the
+    labels asked for, from a conditional model); png-dir: one file per sample, the input
+    standard FID tools expect."""
     if fmt == "png":
-        save_png(grid_image(images, nrow=max(1, round(math.sqrt(len(images))))), out)
+        save_png(grid_image(images, nrow=grid_columns(len(images))), out)
     elif fmt == "npz":
-        atomic_write(out, lambda f: np.savez_compressed(f, images=images.numpy()))
+        arrays = dict(images=images.numpy()) if labels is None else dict(images=images.numpy(), labels=labels.numpy())
+        atomic_write(out, lambda f: np.savez_compressed(f, **arrays))
     else:
         Path(out).mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(images):
@@ -1428,8 +1504,25 @@ def memorization(samples, train_images, test_images, device, n=1000):
                 share_closer_than_real_p01=float((d_samples < p1).double().mean()))
 
 
-def evaluate_samples(samples, clf, cache, data_dir, device, seed=0):
-    """Everything `evaluate` reports, for uint8 samples (N, 28, 28)."""
+def class_accuracy(probs, labels):
+    """Extension, conditional models: the share of samples the classifier assigns to the
+    digit they were asked for, overall and per digit."""
+    hit = (probs.argmax(1) == labels).double()
+    return dict(class_accuracy=float(hit.mean()),
+                class_accuracy_per_digit=[float(hit[labels == d].mean()) for d in range(NUM_CLASSES)])
+
+
+def same_digit_distance(images, labels):
+    """Extension, conditional models: the mean L2 distance (pixels in [0, 1]) between two
+    samples asked for the same digit: how varied one digit's samples are."""
+    x = images.flatten(1).double() / 255
+    return float(torch.stack([torch.pdist(x[labels == d]).mean() for d in labels.unique()
+                              if (labels == d).sum() > 1]).mean())
+
+
+def evaluate_samples(samples, clf, cache, data_dir, device, seed=0, labels=None):
+    """Everything `evaluate` reports, for uint8 samples (N, 28, 28), and with the labels a
+    conditional model was asked for, its class accuracy."""
     train_x, _ = load_mnist(data_dir, train=True)
     test_x, _ = load_mnist(data_dir, train=False)
     feats, probs = classify(clf, samples, device)
@@ -1442,7 +1535,8 @@ def evaluate_samples(samples, clf, cache, data_dir, device, seed=0):
         fid=frechet_distance(*gaussian_fit(feats), cache["test_mu"], cache["test_sigma"]),
         fid_real_train=fid_floor(clf, cache, train_x, n, device, seed),
         **class_stats(probs),
-        **memorization(samples, train_x, test_x, device))
+        **memorization(samples, train_x, test_x, device),
+        **(class_accuracy(probs, labels) if labels is not None else {}))
 
 
 
@@ -1572,7 +1666,7 @@ def denoising_gif(eps_model, schedule, x_T, sampler, generator):
     """Frames of x_t (left) beside the model's current guess of x_0 (right), per step."""
     ts = sampler.timesteps(schedule.T)
     keep = set(frame_indices(len(ts)))
-    nrow = math.ceil(math.sqrt(len(x_T)))
+    nrow = gif_columns(len(x_T))
     frames = []
 
     def on_step(i, x, x0):
@@ -1581,6 +1675,10 @@ def denoising_gif(eps_model, schedule, x_T, sampler, generator):
 
     sampler(eps_model, schedule, x_T, generator, on_step)
     return frames
+
+
+def gif_columns(n):
+    return math.ceil(math.sqrt(n))
 
 
 def gif_frame(x_t, x0, t, nrow):
@@ -1785,6 +1883,26 @@ def decay_arg(s):
     return v
 
 
+def prob_arg(s):
+    v = float_over(0, strict=False)(s)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"{s} must be a probability, 0..1")
+    return v
+
+
+def class_arg(s):
+    if s == "all":
+        return s
+    if not s.isdigit() or int(s) >= NUM_CLASSES:
+        raise argparse.ArgumentTypeError(f"'{s}' is not a class: need 0..{NUM_CLASSES - 1} or all")
+    return int(s)
+
+
+def scales_arg(s):
+    """A comma-separated list of guidance scales, each >= 0."""
+    return [float_over(0, strict=False)(v) for v in s.split(",")]
+
+
 def channels_arg(s):
     try:
         ch = tuple(int(c) for c in s.split(","))
@@ -1889,6 +2007,20 @@ def add_sampler_args(p):
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 to [-1, 1]")
 
 
+def add_guidance(p):
+    """Extension, for class-conditional checkpoints (train --cond)."""
+    p.add_argument("--class", dest="digit", type=class_arg,
+                   help="conditional models: the digit to draw, 0..9, or all: one digit per row (default: all)")
+    p.add_argument("--guidance", type=float_over(0, strict=False),
+                   help="conditional models: guidance scale s; 0 ignores the class, 1 is the plain conditional "
+                        f"model, larger draws the class more surely and less varied (default: {DEFAULT_GUIDANCE})")
+
+
+def add_weights(p):
+    p.add_argument("--weights", choices=("ema", "model"), default="ema",
+                   help="the EMA weights or the raw trained ones (default: ema)")
+
+
 def add_eval_args(p):
     add_data_dir(p)
     p.add_argument("--classifier", default="runs/mnist_classifier.pt",
@@ -1921,6 +2053,10 @@ def add_train_parser(sub):
     p.add_argument("--warmup-steps", type=int_in(0), help=f"linear lr warm-up steps {preset_default('warmup_steps')}")
     p.add_argument("--min-snr-gamma", type=float_over(0, strict=False),
                    help=f"min-SNR loss weighting, 0 for plain MSE {preset_default('min_snr_gamma')}")
+    p.add_argument("--cond", action="store_true",
+                   help="extension: a class-conditional model, for sample --class and --guidance")
+    p.add_argument("--p-uncond", type=prob_arg,
+                   help=f"with --cond: share of labels dropped to 'no label', 0..1 (default: {DEFAULTS.p_uncond})")
     add_data_dir(p)
     p.add_argument("--run-dir", default="runs/ddpm", help="where the run's files go (default: runs/ddpm)")
     add_device(p)
@@ -1950,8 +2086,8 @@ def add_sample_parser(sub):
     p.add_argument("--gif", action="store_true",
                    help="write an animated GIF of x_t beside the predicted x_0 at every step instead")
     p.add_argument("--out", help="output path (default: samples/<sampler>_<steps>.png, .npz, .gif or folder)")
-    p.add_argument("--weights", choices=("ema", "model"), default="ema",
-                   help="the EMA weights or the raw trained ones (default: ema)")
+    add_weights(p)
+    add_guidance(p)
     add_seed(p)
     p.set_defaults(func=cmd_sample)
 
@@ -1968,6 +2104,9 @@ def add_evaluate_parser(sub):
     p.add_argument("--n", type=int_in(2), default=10000, help="samples to generate and score (default: 10000)")
     p.add_argument("--batch-size", type=int_in(1), default=500, help="samples per batch (default: 500)")
     p.add_argument("--samples", help="score this .npz (uint8 'images', (N, 28, 28)) instead of sampling")
+    add_weights(p)
+    p.add_argument("--guidance", type=float_over(0, strict=False),
+                   help=f"conditional models: guidance scale s; adds class accuracy (default: {DEFAULT_GUIDANCE})")
     p.add_argument("--out", help="report path (default: evaluate.json beside --samples, else beside the "
                                  "checkpoint, or in the current folder for the committed weights)")
     p.set_defaults(func=cmd_evaluate)
@@ -1983,7 +2122,12 @@ def add_compare_parser(sub):
     add_eval_args(p)
     p.add_argument("--n", type=int_in(2), default=1000, help="samples per sampler (default: 1000)")
     p.add_argument("--batch-size", type=int_in(1), default=500, help="samples per batch (default: 500)")
-    p.add_argument("--out", default="samples/compare.png", help="picture path (default: samples/compare.png)")
+    add_weights(p)
+    p.add_argument("--guidance", type=scales_arg,
+                   help="conditional models: compare these guidance scales (DDIM-50) instead of the samplers, "
+                        "e.g. 0,1,2,3,5,8; the picture is then one row per digit, one column per scale")
+    p.add_argument("--out", help="picture path (default: samples/compare.png, or samples/guidance.png "
+                                 "with --guidance)")
     p.set_defaults(func=cmd_compare)
 
 
@@ -2028,6 +2172,7 @@ def add_interpolate_parser(sub):
     p.add_argument("--rows", type=int_in(1, 16), default=4, help="pairs of noises (default: 4)")
     p.add_argument("--cols", type=int_in(2, 32), default=10, help="steps from one to the other (default: 10)")
     p.add_argument("--steps", type=int_in(1, DEFAULTS.T), default=DDIM_STEPS, help=f"DDIM steps (default: {DDIM_STEPS})")
+    add_guidance(p)
     add_seed(p, "the noises")
     p.add_argument("--out", default="samples/interpolate.png", help="picture path (default: samples/interpolate.png)")
     p.set_defaults(func=cmd_interpolate)
@@ -2076,6 +2221,10 @@ def train_config(args):
     # Train flags default to None, so "given" means typed on the command line: a preset's
     # value is only overridden by what the user asked for.
     given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
+    if args.p_uncond is not None and not args.cond:
+        raise UserError(f"--p-uncond {args.p_uncond}: only with --cond (it drops labels of a class-conditional model)")
+    if args.cond:
+        given.update(num_classes=NUM_CLASSES, **({"p_uncond": args.p_uncond} if args.p_uncond is not None else {}))
     ckpt_path = Path(args.run_dir) / "ckpt.pt"
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite: choose one")
@@ -2085,6 +2234,9 @@ def train_config(args):
         ckpt = load_checkpoint(ckpt_path, "--resume")
         check_resumable(ckpt, ckpt_path)
         saved = config_from_dict(ckpt["config"])
+        if args.cond != bool(saved.num_classes):
+            raise UserError(f"--cond: {ckpt_path} is an unconditional run; a resumed run keeps its config" if args.cond
+                            else f"--resume: {ckpt_path} is a class-conditional run; add --cond to resume it")
         # a resumed run must be the same run: a changed lr or width would silently make a
         # different model from the same checkpoint; only its length may grow
         for k, v in given.items():
@@ -2128,6 +2280,23 @@ def load_for_sampling(args, ckpt_path):
     return eps_model, make_schedule(cfg).to(device), cfg
 
 
+def guidance_from_args(args, cfg, n, ncol):
+    """Extension: the labels and scale a conditional model samples with (--class, --guidance),
+    laid out ncol to a row; None for an unconditional model, which has no label to ask for."""
+    digit, s = getattr(args, "digit", None), args.guidance
+    if not cfg.num_classes:
+        if digit is not None or s is not None:
+            raise UserError(f"{'--class' if digit is not None else '--guidance'}: this checkpoint is unconditional "
+                            "(trained without --cond), so it cannot be asked for a class")
+        return None
+    labels = digit_rows(n, ncol, cfg.num_classes) if digit in (None, "all") else torch.full((n,), digit)
+    return Guidance(labels, DEFAULT_GUIDANCE if s is None else s, cfg.num_classes)
+
+
+def guidance_note(guidance):
+    return "" if guidance is None else f", guidance {guidance.scale:g}"
+
+
 def cmd_sample(args):
     if args.gif and args.format != "png":
         raise UserError("--gif: writes a GIF; leave --format at png")
@@ -2141,16 +2310,21 @@ def cmd_sample(args):
     eps_model, schedule, cfg = load_for_sampling(args, checkpoint_to_sample(args.ckpt))
     device, t0 = schedule.betas.device, time.time()
     if args.gif:  # the same seeds as generate(), so a GIF ends on the grid `sample` would draw
+        guide = guidance_from_args(args, cfg, args.n, gif_columns(args.n))
+        if guide:
+            eps_model = guided(eps_model, guide.labels.to(device), guide.scale, guide.null_label)
         x_T = torch.randn(args.n, *image_shape(cfg), generator=torch.Generator().manual_seed(args.seed)).to(device)
         frames = denoising_gif(eps_model, schedule, x_T, sampler, torch.Generator(device).manual_seed(args.seed + 1))
         save_gif(frames, out)
-        print(f"wrote {out}: {len(frames)} frames, {sampler.name} {sampler.steps} steps, {time.time() - t0:.1f} s")
+        print(f"wrote {out}: {len(frames)} frames, {sampler.name} {sampler.steps} steps{guidance_note(guide)}, "
+              f"{time.time() - t0:.1f} s")
         return
-    images = generate(eps_model, schedule, sampler, (args.n, *image_shape(cfg)), args.seed, args.batch_size)
+    guide = guidance_from_args(args, cfg, args.n, grid_columns(args.n))
+    images = generate(eps_model, schedule, sampler, (args.n, *image_shape(cfg)), args.seed, args.batch_size, guide)
     dt = time.time() - t0
-    write_samples(images, out, args.format)
-    print(f"wrote {out}: {args.n} samples, {sampler.name} {sampler.steps} steps, {dt:.1f} s on {device} "
-          f"({1e3 * dt / args.n:.1f} ms per sample)")
+    write_samples(images, out, args.format, guide.labels if guide else None)
+    print(f"wrote {out}: {args.n} samples, {sampler.name} {sampler.steps} steps{guidance_note(guide)}, {dt:.1f} s "
+          f"on {device} ({1e3 * dt / args.n:.1f} ms per sample)")
 
 
 def report_table(r):
@@ -2166,7 +2340,10 @@ def report_table(r):
         f"{'nearest-train distance':28} samples {r['nn_dist_samples_median']:.3f}, real test digits "
         f"{r['nn_dist_real_test_median']:.3f} (median L2, pixels in [0, 1], N={r['n_memo']})",
         f"{'closer than 99% of real':28} {100 * r['share_closer_than_real_p01']:.1f}% of samples "
-        f"(copies would show here)"])
+        f"(copies would show here)"] + ([
+        f"{'class accuracy':28} {100 * r['class_accuracy']:.2f}% asked-for digit, guidance {r['guidance']:g}",
+        f"{'  per digit':28} " + " ".join(f"{d}:{100 * a:.0f}%" for d, a in enumerate(r["class_accuracy_per_digit"]))]
+        if "class_accuracy" in r else []))
 
 
 def evaluate_out(args, ckpt_path):
@@ -2194,18 +2371,25 @@ def cmd_evaluate(args):
     check_out("--out", out)
     device = resolve_device(args.device)
     if args.samples:
+        if args.guidance is not None or args.weights != "ema":
+            raise UserError(f"{'--guidance' if args.guidance is not None else '--weights'}: with --samples nothing is "
+                            "sampled; leave it out")
+        guide = None
         samples = read_samples(args.samples)
         source = dict(samples_from=f"read from {args.samples}", samples_file=str(args.samples))
     else:
         eps_model, schedule, cfg = load_for_sampling(args, ckpt_path)
         only_digits(cfg, ckpt_path)
+        guide = guidance_from_args(args, cfg, args.n, 1)       # conditional: digits 0-9 in turn
         load_mnist(args.data_dir, train=True)                 # fail now, not after sampling
         t0 = time.time()
-        samples = generate(eps_model, schedule, sampler, (args.n, *image_shape(cfg)), args.seed, args.batch_size)
-        source = dict(samples_from=f"{sampler.name} {sampler.steps} steps, eta {sampler.eta}, "
-                                   f"{time.time() - t0:.0f} s on {device}", ckpt=str(ckpt_path))
+        samples = generate(eps_model, schedule, sampler, (args.n, *image_shape(cfg)), args.seed, args.batch_size,
+                           guide)
+        source = dict(samples_from=f"{sampler.name} {sampler.steps} steps, eta {sampler.eta}{guidance_note(guide)}, "
+                                   f"{args.weights} weights, {time.time() - t0:.0f} s on {device}",
+                      ckpt=str(ckpt_path), **({"guidance": guide.scale} if guide else {}))
     clf, cache = classifier_cache(args.classifier, args.data_dir, device)
-    r = evaluate_samples(samples, clf, cache, args.data_dir, device, args.seed)
+    r = evaluate_samples(samples, clf, cache, args.data_dir, device, args.seed, guide.labels if guide else None)
     r.update(source)
     print(report_table(r))
     save_text(json.dumps(r, indent=2) + "\n", out)
@@ -2218,28 +2402,63 @@ COMPARE = (("DDPM 1000", Sampler("ddpm", 1000)), ("DDIM 10", Sampler("ddim", 10)
 
 
 def cmd_compare(args):
-    check_out("--out", args.out)
+    out = args.out or ("samples/guidance.png" if args.guidance else "samples/compare.png")
+    check_out("--out", out)
     ckpt_path = checkpoint_to_sample(args.ckpt)
     eps_model, schedule, cfg = load_for_sampling(args, ckpt_path)
     only_digits(cfg, ckpt_path)
+    if args.guidance and not cfg.num_classes:
+        raise UserError("--guidance: this checkpoint is unconditional (trained without --cond), so it has no "
+                        "guidance to compare")
     device = schedule.betas.device
     clf, cache = classifier_cache(args.classifier, args.data_dir, device)
+    if args.guidance:
+        return compare_guidance(args, eps_model, schedule, cfg, clf, cache, out)
+    # a conditional model is compared at the default guidance, asked for digits 0-9 in turn
+    guide = Guidance(digit_rows(args.n, 1, cfg.num_classes), DEFAULT_GUIDANCE, cfg.num_classes) if cfg.num_classes else None
     rows, firsts = [], []
     for name, sampler in COMPARE:
         t0 = time.time()
-        images = generate(eps_model, schedule, sampler, (args.n, *image_shape(cfg)), args.seed, args.batch_size)
+        images = generate(eps_model, schedule, sampler, (args.n, *image_shape(cfg)), args.seed, args.batch_size,
+                          guide)
         dt = time.time() - t0
         feats, probs = classify(clf, images, device)
         rows.append(dict(sampler=name, fid=frechet_distance(*gaussian_fit(feats), cache["test_mu"], cache["test_sigma"]),
                          ms_per_sample=1e3 * dt / args.n, **class_stats(probs)))
         firsts.append(images[:10])
-    print(f"N={args.n} per sampler, seed {args.seed}, same x_T for all; FID in classifier features vs MNIST test")
+    print(f"N={args.n} per sampler, seed {args.seed}, same x_T for all{guidance_note(guide)}; "
+          "FID in classifier features vs MNIST test")
     print(f"{'sampler':16} {'FID':>8} {'confident':>9} {'rarest':>7} {'ms/sample':>10}")
     for r in rows:
         print(f"{r['sampler']:16} {r['fid']:8.3f} {100 * r['confident_share']:8.1f}% {100 * r['rarest_share']:6.1f}% "
               f"{r['ms_per_sample']:10.2f}")
-    save_png(labeled_grid(torch.stack(firsts), row_labels=[r["sampler"] for r in rows]), args.out)
-    print(f"wrote {args.out}")
+    save_png(labeled_grid(torch.stack(firsts), row_labels=[r["sampler"] for r in rows]), out)
+    print(f"wrote {out}")
+
+
+def compare_guidance(args, eps_model, schedule, cfg, clf, cache, out):
+    """Extension: the classifier-free guidance trade-off. The same x_T and labels (digits
+    0-9 in turn) at every scale; per scale FID, class accuracy, confident share, and the
+    spread of each digit's samples. The picture: one row per digit, one column per scale."""
+    labels = digit_rows(args.n, 1, cfg.num_classes)
+    rows, firsts = [], []
+    for s in args.guidance:
+        images = generate(eps_model, schedule, Sampler(), (args.n, *image_shape(cfg)), args.seed, args.batch_size,
+                          Guidance(labels, s, cfg.num_classes))
+        feats, probs = classify(clf, images, device=schedule.betas.device)
+        rows.append(dict(guidance=s, fid=frechet_distance(*gaussian_fit(feats), cache["test_mu"], cache["test_sigma"]),
+                         **class_accuracy(probs, labels), **class_stats(probs),
+                         same_digit_distance=same_digit_distance(images, labels)))
+        firsts.append(images[:cfg.num_classes])                        # digits 0-9, the same x_T at every scale
+    print(f"N={args.n} per scale (digits 0-9 in turn), seed {args.seed}, DDIM-{DDIM_STEPS}, same x_T and labels "
+          "for all; FID in classifier features vs MNIST test; spread: mean distance between two samples of a digit")
+    print(f"{'guidance':>8} {'FID':>8} {'class acc':>9} {'confident':>9} {'spread':>7}")
+    for r in rows:
+        print(f"{r['guidance']:8g} {r['fid']:8.3f} {100 * r['class_accuracy']:8.1f}% {100 * r['confident_share']:8.1f}% "
+              f"{r['same_digit_distance']:7.3f}")
+    cells = torch.stack(firsts, dim=1)                                  # (digits, scales, H, W)
+    save_png(labeled_grid(cells, row_labels=range(cfg.num_classes), col_labels=[f"s={s:g}" for s in args.guidance]), out)
+    print(f"wrote {out}")
 
 
 def cmd_bench(args):
@@ -2272,6 +2491,9 @@ def cmd_interpolate(args):
     check_out("--out", args.out)
     eps_model, schedule, cfg = load_for_sampling(args, checkpoint_to_sample(args.ckpt))
     x_T = interpolation_noise(args.rows, args.cols, args.seed, image_shape(cfg)).to(schedule.betas.device)
+    guide = guidance_from_args(args, cfg, args.rows * args.cols, args.cols)     # conditional: a digit per row
+    if guide:
+        eps_model = guided(eps_model, guide.labels.to(x_T.device), guide.scale, guide.null_label)
     x0 = ddim_sample(eps_model, schedule, x_T, steps=args.steps)        # eta = 0: a function of x_T
     cells = to_uint8(x0).cpu().unflatten(0, (args.rows, args.cols))          # (rows, cols, H, W[, 3])
     save_png(labeled_grid(cells), args.out)
