@@ -1017,7 +1017,7 @@ class Run:
             self.say("note: the case-study recipe takes many hours on a CPU; `--preset cpu` makes digits in "
                      "about 12 minutes on 2 cores (README, CPU preset)", file=sys.stderr)
         self.last_good = step if self.ckpt else None
-        self.t_start, self.seconds0 = time.time(), self.state["seconds"]
+        self.t_start, self.seconds0, self.step_at_begin = time.time(), self.state["seconds"], step
         self.recent, self.recent_from = [], step     # losses not yet checked: a check syncs with the GPU
         # the saved sums are totals; they go to process 0, so that the sum over processes is right
         keep = 1.0 if self.lead else 0.0
@@ -1094,8 +1094,10 @@ class Run:
             self.say(f"error: the loss became NaN or infinite at step {e.args[0]}; {kept}. "
                      f"Try a smaller --lr, or --precision fp32.", file=sys.stderr)
             leave(1, self)
-        self.bar.set_postfix(loss=f"{recent.mean().item():.4f}",
-                             img_s=f"{(self.bar.format_dict['rate'] or 0) * self.cfg.batch_size:.0f}")
+        # images/s since training began, grids and checkpoints included; tqdm's own rate is
+        # unset until its first redraw, which in a log file comes a minute in
+        img_s = (step - self.step_at_begin) * self.cfg.batch_size / max(time.time() - self.t_start, 1e-9)
+        self.bar.set_postfix(loss=f"{recent.mean().item():.4f}", img_s=f"{img_s:.0f}")
         self.bar.update(len(self.recent))
         self.recent, self.recent_from = [], step
 

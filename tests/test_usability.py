@@ -156,6 +156,15 @@ def test_progress_bars_into_a_log_redraw_rarely(tiny_run, tmp_path):
     assert r.stderr.count("\r") + r.stderr.count("\n") <= 6, r.stderr[-800:]
 
 
+def test_the_training_bar_shows_images_per_second_in_a_log(mnist_dir, tmp_path, capsys):
+    """Into a log tqdm's own rate stays unset until its first redraw, a minute in: the bar
+    showed img_s=0 through a whole 5-minute GPU run's first minute."""
+    dm.main(["train", *TINY_ARGS, "--grid-n", "0", "--epochs", "1", "--data-dir", str(mnist_dir),
+             "--run-dir", str(tmp_path / "r")])
+    rates = [int(v) for v in re.findall(r"img_s=(\d+)", capsys.readouterr().err)]
+    assert rates and all(r > 0 for r in rates), rates
+
+
 def test_atomic_write_works_where_folders_cannot_be_opened(tmp_path, monkeypatch):
     """Windows refuses os.open on a folder; the file must still be written."""
     def refuse(path, flags, *a):
