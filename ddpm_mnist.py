@@ -36,7 +36,7 @@ Extensions, each off unless asked for:
     python ddpm_mnist.py train --schedule cosine    # Nichol & Dhariwal's cosine schedule
     python ddpm_mnist.py train --lr-schedule cosine --warmup-steps 100 --min-snr-gamma 5
     python ddpm_mnist.py train --preset cifar10     # 32x32 colour, the DDPM paper's CIFAR-10 model
-    python ddpm_mnist.py train --preset cpu --cond --epochs 4   # a class-conditional model
+    python ddpm_mnist.py train --preset cpu --cond --epochs 4 --run-dir runs/cond   # ask for a digit
     python ddpm_mnist.py sample --ckpt samples/ema_cond_fp16.pt --class 7 --guidance 3
     python ddpm_mnist.py compare --ckpt samples/ema_cond_fp16.pt --guidance 0,1,2,3,5,8
     torchrun --standalone --nproc_per_node=4 ddpm_mnist.py train   # several GPUs
@@ -603,7 +603,7 @@ def train(cfg, run):
     if steps_per_epoch == 0:
         raise UserError(f"--batch-size {cfg.batch_size}: larger than the {len(data)} training images")
     p = build(cfg, run.device, run.compile)
-    gen = torch.Generator(run.device).manual_seed(cfg.seed)  # draws every t and eps
+    gen = torch.Generator(run.device).manual_seed(cfg.seed)  # draws every t and eps (and flips, dropped labels)
     start = run.begin(cfg, p, gen, steps_per_epoch)         # 0, or the step a checkpoint saved
     total = run.total_steps                                 # the planned steps, or fewer with --max-steps
     horizon = cfg.epochs * steps_per_epoch                  # where a decaying lr reaches 0
@@ -618,6 +618,7 @@ def train(cfg, run):
             batches = epoch_batches(len(data), cfg.batch_size, cfg.seed, epoch).to(run.device)
         x0 = to_model_range(data[batches[i]])               # (B, C, H, W) in [-1, 1]
         x0 = random_hflip(x0, gen) if cfg.hflip else x0     # CIFAR-10 only
+        # Extension, class conditioning: the batch's labels, some dropped for guidance
         y = drop_labels(labels[batches[i]], cfg.p_uncond, cfg.num_classes, gen) if cfg.num_classes else None
         for group in p.opt.param_groups:
             group["lr"] = lr_at(step, cfg, horizon)
@@ -720,11 +721,21 @@ def guided(eps_model, y, s, null_label):
     s = 0 ignores y, s = 1 is the plain conditional model, s > 1 trades diversity for
     fidelity to y. The paper writes (1 + w) eps(y) - w eps(null): its w is s - 1. Both
     terms come from one forward pass over the doubled batch."""
+    y_and_null = torch.cat([y, torch.full_like(y, null_label)])            # (2B,)
+
     def eps_tilde(x, t):
-        null = torch.full_like(y, null_label)
-        eps_y, eps_null = eps_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+        both = eps_model(torch.cat([x, x]), torch.cat([t, t]), y_and_null)  # (2B, C, H, W)
+        eps_y, eps_null = both.chunk(2)                                     # 2 x (B, C, H, W)
         return eps_null + s * (eps_y - eps_null)
     return eps_tilde
+
+
+DEFAULT_GUIDANCE = 3.0           # s when --guidance is not given
+
+
+def digit_rows(n, ncol, num_classes):
+    """Labels for n samples laid out ncol to a row: row r asks for class r mod num_classes."""
+    return (torch.arange(n) // ncol) % num_classes
 
 
 # =============================================================================
@@ -1291,14 +1302,6 @@ class Guidance:
     null_label: int              # the network's "no label", its num_classes
 
 
-DEFAULT_GUIDANCE = 3.0           # s when --guidance is not given
-
-
-def digit_rows(n, ncol, num_classes=NUM_CLASSES):
-    """Labels for n samples laid out ncol to a row: row r asks for class r mod num_classes."""
-    return (torch.arange(n) // ncol) % num_classes
-
-
 def generate(eps_model, schedule, sampler, shape, seed=0, batch_size=256, guidance=None):
     """shape[0] samples as uint8 (N, H, W), made in batches. x_T comes from a CPU generator,
     so the same seed gives the same starting noise on every device. `guidance`: labels and
@@ -1337,6 +1340,19 @@ def write_samples(images, out, fmt, labels=None):
         Path(out).mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(images):
             save_png(to_image(im), Path(out) / f"{i:06d}.png")
+
+
+def read_labels(path, n):
+    """Extension: the labels a conditional model was asked for, if the .npz holds them
+    (`sample --format npz` writes them), else None."""
+    with np.load(path, allow_pickle=False) as z:
+        if "labels" not in z.files:
+            return None
+        y = z["labels"]
+    if y.shape != (n,) or y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= NUM_CLASSES:
+        raise UserError(f"--samples {path}: its labels are {y.dtype} {tuple(y.shape)}; need (N,) integers "
+                        f"0..{NUM_CLASSES - 1}, one per image")
+    return torch.from_numpy(y.astype(np.int64))
 
 
 def read_samples(path):
@@ -1510,8 +1526,9 @@ def class_accuracy(probs, labels):
     """Extension, conditional models: the share of samples the classifier assigns to the
     digit they were asked for, overall and per digit."""
     hit = (probs.argmax(1) == labels).double()
-    return dict(class_accuracy=float(hit.mean()),
-                class_accuracy_per_digit=[float(hit[labels == d].mean()) for d in range(NUM_CLASSES)])
+    return dict(class_accuracy=float(hit.mean()),      # None for a digit no sample asked for
+                class_accuracy_per_digit=[float(hit[labels == d].mean()) if (labels == d).any() else None
+                                          for d in range(NUM_CLASSES)])
 
 
 def same_digit_distance(images, labels):
@@ -1668,7 +1685,7 @@ def denoising_gif(eps_model, schedule, x_T, sampler, generator):
     """Frames of x_t (left) beside the model's current guess of x_0 (right), per step."""
     ts = sampler.timesteps(schedule.T)
     keep = set(frame_indices(len(ts)))
-    nrow = gif_columns(len(x_T))
+    nrow = grid_columns(len(x_T))
     frames = []
 
     def on_step(i, x, x0):
@@ -1677,10 +1694,6 @@ def denoising_gif(eps_model, schedule, x_T, sampler, generator):
 
     sampler(eps_model, schedule, x_T, generator, on_step)
     return frames
-
-
-def gif_columns(n):
-    return math.ceil(math.sqrt(n))
 
 
 def gif_frame(x_t, x0, t, nrow):
@@ -2288,8 +2301,9 @@ def guidance_from_args(args, cfg, n, ncol):
     digit, s = getattr(args, "digit", None), args.guidance
     if not cfg.num_classes:
         if digit is not None or s is not None:
-            raise UserError(f"{'--class' if digit is not None else '--guidance'}: this checkpoint is unconditional "
-                            "(trained without --cond), so it cannot be asked for a class")
+            flag = "--class" if digit is not None else "--guidance"
+            raise UserError(f"{flag}: this checkpoint is unconditional (trained without --cond); {flag} needs a "
+                            "class-conditional model")
         return None
     labels = digit_rows(n, ncol, cfg.num_classes) if digit in (None, "all") else torch.full((n,), digit)
     return Guidance(labels, DEFAULT_GUIDANCE if s is None else s, cfg.num_classes)
@@ -2312,7 +2326,7 @@ def cmd_sample(args):
     eps_model, schedule, cfg = load_for_sampling(args, checkpoint_to_sample(args.ckpt))
     device, t0 = schedule.betas.device, time.time()
     if args.gif:  # the same seeds as generate(), so a GIF ends on the grid `sample` would draw
-        guide = guidance_from_args(args, cfg, args.n, gif_columns(args.n))
+        guide = guidance_from_args(args, cfg, args.n, grid_columns(args.n))
         if guide:
             eps_model = guided(eps_model, guide.labels.to(device), guide.scale, guide.null_label)
         x_T = torch.randn(args.n, *image_shape(cfg), generator=torch.Generator().manual_seed(args.seed)).to(device)
@@ -2331,7 +2345,7 @@ def cmd_sample(args):
 
 def report_table(r):
     counts = " ".join(f"{d}:{c}" for d, c in enumerate(r["class_counts"]))
-    return "\n".join([
+    lines = [
         f"{'samples':28} {r['n']}",
         f"{'FID (classifier features)':28} {r['fid']:.3f}   vs {r['fid_reference']}, N={r['n']}",
         f"{'FID of real train images':28} {r['fid_real_train']:.3f}   (the floor: N={r['n']} real digits)",
@@ -2342,10 +2356,14 @@ def report_table(r):
         f"{'nearest-train distance':28} samples {r['nn_dist_samples_median']:.3f}, real test digits "
         f"{r['nn_dist_real_test_median']:.3f} (median L2, pixels in [0, 1], N={r['n_memo']})",
         f"{'closer than 99% of real':28} {100 * r['share_closer_than_real_p01']:.1f}% of samples "
-        f"(copies would show here)"] + ([
-        f"{'class accuracy':28} {100 * r['class_accuracy']:.2f}% asked-for digit, guidance {r['guidance']:g}",
-        f"{'  per digit':28} " + " ".join(f"{d}:{100 * a:.0f}%" for d, a in enumerate(r["class_accuracy_per_digit"]))]
-        if "class_accuracy" in r else []))
+        f"(copies would show here)"]
+    if "class_accuracy" in r:                # a conditional model's samples, with the labels asked for
+        how = f", guidance {r['guidance']:g}" if "guidance" in r else ""
+        per_digit = " ".join(f"{d}:{'-' if a is None else f'{100 * a:.0f}%'}"
+                             for d, a in enumerate(r["class_accuracy_per_digit"]))
+        lines += [f"{'class accuracy':28} {100 * r['class_accuracy']:.2f}% of samples are the digit asked for{how}",
+                  f"{'  per digit':28} {per_digit}"]
+    return "\n".join(lines)
 
 
 def evaluate_out(args, ckpt_path):
@@ -2376,8 +2394,8 @@ def cmd_evaluate(args):
         if args.guidance is not None or args.weights != "ema":
             raise UserError(f"{'--guidance' if args.guidance is not None else '--weights'}: with --samples nothing is "
                             "sampled; leave it out")
-        guide = None
         samples = read_samples(args.samples)
+        labels = read_labels(args.samples, len(samples))
         source = dict(samples_from=f"read from {args.samples}", samples_file=str(args.samples))
     else:
         eps_model, schedule, cfg = load_for_sampling(args, ckpt_path)
@@ -2387,11 +2405,12 @@ def cmd_evaluate(args):
         t0 = time.time()
         samples = generate(eps_model, schedule, sampler, (args.n, *image_shape(cfg)), args.seed, args.batch_size,
                            guide)
+        labels = guide.labels if guide else None
         source = dict(samples_from=f"{sampler.name} {sampler.steps} steps, eta {sampler.eta}{guidance_note(guide)}, "
                                    f"{args.weights} weights, {time.time() - t0:.0f} s on {device}",
                       ckpt=str(ckpt_path), **({"guidance": guide.scale} if guide else {}))
     clf, cache = classifier_cache(args.classifier, args.data_dir, device)
-    r = evaluate_samples(samples, clf, cache, args.data_dir, device, args.seed, guide.labels if guide else None)
+    r = evaluate_samples(samples, clf, cache, args.data_dir, device, args.seed, labels)
     r.update(source)
     print(report_table(r))
     save_text(json.dumps(r, indent=2) + "\n", out)
@@ -2412,12 +2431,16 @@ def cmd_compare(args):
     if args.guidance and not cfg.num_classes:
         raise UserError("--guidance: this checkpoint is unconditional (trained without --cond), so it has no "
                         "guidance to compare")
+    if args.guidance and args.n < 2 * cfg.num_classes:
+        raise UserError(f"--n {args.n}: comparing guidance needs at least two samples of each of the "
+                        f"{cfg.num_classes} classes, --n {2 * cfg.num_classes} or more")
     device = schedule.betas.device
     clf, cache = classifier_cache(args.classifier, args.data_dir, device)
     if args.guidance:
         return compare_guidance(args, eps_model, schedule, cfg, clf, cache, out)
     # a conditional model is compared at the default guidance, asked for digits 0-9 in turn
-    guide = Guidance(digit_rows(args.n, 1, cfg.num_classes), DEFAULT_GUIDANCE, cfg.num_classes) if cfg.num_classes else None
+    guide = Guidance(digit_rows(args.n, 1, cfg.num_classes), DEFAULT_GUIDANCE, cfg.num_classes) \
+        if cfg.num_classes else None
     rows, firsts = [], []
     for name, sampler in COMPARE:
         t0 = time.time()

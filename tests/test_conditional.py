@@ -100,8 +100,8 @@ def test_guidance_is_one_forward_pass_of_the_doubled_batch():
 
 
 def test_digit_rows_put_one_digit_on_each_row():
-    assert dm.digit_rows(24, 8).view(3, 8).tolist() == [[0] * 8, [1] * 8, [2] * 8]
-    assert dm.digit_rows(12, 1).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert dm.digit_rows(24, 8, 10).view(3, 8).tolist() == [[0] * 8, [1] * 8, [2] * 8]
+    assert dm.digit_rows(12, 1, 10).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
 
 
 def test_class_accuracy_and_spread_against_hand_values():
@@ -155,6 +155,17 @@ def test_compare_guidance_draws_a_row_per_digit_and_a_column_per_scale(cond_run,
     assert w >= 3 * cell and w < 4 * cell + 20                          # three scales
 
 
+def test_evaluate_reads_the_labels_sample_wrote(cond_run, mnist_dir, tmp_path, capsys):
+    npz = tmp_path / "s.npz"
+    dm.main(["sample", "--ckpt", str(cond_run / "ckpt.pt"), "--n", "12", "--steps", "2", "--format", "npz",
+             "--out", str(npz), "--device", "cpu"])
+    dm.main(["evaluate", "--samples", str(npz), "--data-dir", str(mnist_dir), "--classifier", str(tmp_path / "clf.pt"),
+             "--device", "cpu"])
+    import json
+    r = json.loads((tmp_path / "evaluate.json").read_text())
+    assert len(r["class_accuracy_per_digit"]) == 10 and "class accuracy" in capsys.readouterr().out
+
+
 def test_evaluate_a_conditional_model_reports_class_accuracy(cond_run, mnist_dir, tmp_path):
     out = tmp_path / "e.json"
     dm.main(["evaluate", "--ckpt", str(cond_run / "ckpt.pt"), "--n", "20", "--steps", "3", "--guidance", "2",
@@ -174,6 +185,7 @@ BAD_COND = [
     ("evaluate", "--guidance", "2"),
     ("compare", "--guidance", "0,1"),
     ("compare", "--guidance", "1,-2"),
+    ("compare", "--ckpt", "runs/cond/ckpt.pt", "--guidance", "0,1", "--n", "10"),   # not 2 of every digit
     ("train", "--run-dir", "runs/ddpm", "--resume", "--cond"),
     ("train", "--run-dir", "runs/cond", "--resume"),                   # conditional: needs --cond
     ("train", "--cond", "--p-uncond", "1.5", "--run-dir", "newrun"),
@@ -193,7 +205,6 @@ def test_bad_conditional_input_exits_2_with_one_line(tmp_path_factory, tiny_run,
         r = in_process(args, w)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), (args, r.stderr)
-        flag = next(a for a in args[1:] if a.startswith("--") and a not in ("--run-dir",)) if args[0] != "train" \
-            else None
+        flag = [a for a in args if a.startswith("--")][-1] if args[0] != "train" else None   # the flag at fault
         assert flag is None or flag in lines[0], (args, lines[0])
     assert not (w / "newrun").exists() and not any((w / "samples").iterdir())
