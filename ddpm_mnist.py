@@ -86,6 +86,7 @@ class Config:
     # Step 3, U-Net
     channels: tuple = (64, 128, 256, 256)  # widths of the 28, 14, 7 and 3 px levels
     num_res_blocks: int = 2      # residual blocks per level
+    time_embedding: str = "sinusoidal"  # "learned" or "scalar": to check the case study's claim (UNet)
     attn_sizes: tuple = ()       # sizes (px) of the levels that get self-attention (CIFAR-10: 16)
     dropout: float = 0.0         # dropout in the residual blocks (CIFAR-10: 0.1)
     # Step 4, training
@@ -126,6 +127,7 @@ PRESETS = {
 IMAGE_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}   # (C, H, W) of each data set's images
 NUM_CLASSES = 10                 # digits 0-9, or CIFAR-10's ten classes: what --cond conditions on
 SCHEDULES = ("linear", "cosine")
+TIME_EMBEDDINGS = ("sinusoidal", "learned", "scalar")
 GROUPS = 8                       # GroupNorm groups, so every width must divide by 8
 DDIM_STEPS = 50                  # the case study's fast sampler: 50 of the T steps
 
@@ -325,12 +327,17 @@ class UNet(nn.Module):
     """
 
     def __init__(self, channels=(64, 128, 256, 256), num_res_blocks=2, in_channels=1, size=28,
-                 attn_sizes=(), dropout=0.0, num_classes=None):
+                 attn_sizes=(), dropout=0.0, num_classes=None, time_embedding="sinusoidal", T=1000):
         super().__init__()
         c0, t_dim = channels[0], 4 * channels[0]
-        self.c0 = c0
-        # 2-layer MLP on the sinusoidal embedding; its SiLU'd output feeds every block
-        self.time_mlp = nn.Sequential(nn.Linear(c0, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim), nn.SiLU())
+        self.c0, self.T = c0, T
+        # Ablation, to check the case study's claim that integer embeddings do worse (see
+        # embed_time): "learned" has a table of one free vector per t; "scalar" reads t/T.
+        self.time_embedding = time_embedding
+        self.t_table = nn.Embedding(T, c0) if time_embedding == "learned" else None
+        # 2-layer MLP on the time embedding; its SiLU'd output feeds every block
+        t_in = 1 if time_embedding == "scalar" else c0
+        self.time_mlp = nn.Sequential(nn.Linear(t_in, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim), nn.SiLU())
         # Extension, class conditioning: one learned vector per label and a last row for
         # "no label" (the null label, num_classes), added to the time embedding so that
         # every block sees both. Unconditional networks have no such layer.
@@ -361,8 +368,17 @@ class UNet(nn.Module):
                 self.attn.update({f"dec{i}_{j}": SelfAttention(c) for j in range(num_res_blocks)})
         self.out = nn.Sequential(GroupNorm(GROUPS, c0), nn.SiLU(), nn.Conv2d(c0, in_channels, 3, padding=1))
 
+    def embed_time(self, t):
+        """(B,) integer t -> what the time MLP reads: the sinusoidal embedding, as the case
+        study. Ablation only: a learned table row per t, or the scalar t/T, (B, 1)."""
+        if self.time_embedding == "learned":
+            return self.t_table(t)
+        if self.time_embedding == "scalar":
+            return t.float()[:, None] / self.T
+        return timestep_embedding(t, self.c0)
+
     def forward(self, x, t, y=None):
-        t_emb = self.time_mlp(timestep_embedding(t, self.c0))           # (B,) -> (B, 4*c0)
+        t_emb = self.time_mlp(self.embed_time(t))                       # (B,) -> (B, 4*c0)
         if self.label_emb is not None:                                  # conditional; y None: no label
             t_emb = t_emb + self.label_emb(torch.full_like(t, self.num_classes) if y is None else y)
         h = self.stem(x)                                                # (B, c0, 28, 28)
@@ -387,7 +403,8 @@ class UNet(nn.Module):
 def make_unet(cfg):
     """The network a config describes, its input shaped like the config's images."""
     C, H, _ = image_shape(cfg)
-    return UNet(cfg.channels, cfg.num_res_blocks, C, H, cfg.attn_sizes, cfg.dropout, cfg.num_classes or None)
+    return UNet(cfg.channels, cfg.num_res_blocks, C, H, cfg.attn_sizes, cfg.dropout, cfg.num_classes or None,
+                cfg.time_embedding, cfg.T)
 
 
 def count_params(model):
@@ -1791,11 +1808,24 @@ CIFAR10_TRAIN_IMAGES = 50_000
 DDPM_CIFAR10_STEPS = 800_000      # the DDPM paper's CIFAR-10 training, at batch 128
 
 
-def bench(cfg, device, batch_size, reps=5, compile=False):
+class RecomputedSchedule(NoiseSchedule):
+    """For `bench --recompute-schedule` only: Eq. 4 with alpha_bar_t rebuilt from the betas
+    at every call (a cumulative product of 1 - beta on the device, in float32), to measure
+    what the case study's precomputed buffers save."""
+
+    def q_sample(self, x0, t, noise):
+        alpha_bar = torch.cumprod(1.0 - self.betas, dim=0)
+        return extract(alpha_bar.sqrt(), t, x0) * x0 + extract((1.0 - alpha_bar).sqrt(), t, x0) * noise
+
+
+def bench(cfg, device, batch_size, reps=5, compile=False, recompute_schedule=False):
     set_fast_math(device)
     torch.manual_seed(0)
     cfg = replace(cfg, batch_size=batch_size)
     p = build(cfg, device, compile)
+    if recompute_schedule:
+        p.schedule = RecomputedSchedule(cfg.T, cfg.beta_1, cfg.beta_T, cfg.schedule).to(device)
+        print("schedule: alpha_bar recomputed from the betas in every training step (--recompute-schedule)")
     shape = image_shape(cfg)
     gflop = forward_flops(p.model, shape, device) / 1e9
     x0 = torch.rand(batch_size, *shape, device=device) * 2 - 1      # stand-in images: the cost is the same
@@ -1971,7 +2001,7 @@ def check_run_dir(path):
 
 DEFAULTS = Config()
 TRAIN_FLAGS = ("epochs", "batch_size", "lr", "channels", "ema_decay", "seed", "precision", "grid_n",
-               "schedule", "lr_schedule", "warmup_steps", "min_snr_gamma", "dataset")
+               "schedule", "lr_schedule", "warmup_steps", "min_snr_gamma", "dataset", "time_embedding")
 
 
 def preset_default(name):
@@ -2068,6 +2098,9 @@ def add_train_parser(sub):
     p.add_argument("--warmup-steps", type=int_in(0), help=f"linear lr warm-up steps {preset_default('warmup_steps')}")
     p.add_argument("--min-snr-gamma", type=float_over(0, strict=False),
                    help=f"min-SNR loss weighting, 0 for plain MSE {preset_default('min_snr_gamma')}")
+    p.add_argument("--time-embedding", choices=TIME_EMBEDDINGS,
+                   help="what the network is told of t: sinusoidal (the case study), learned (a table, one "
+                        f"vector per integer t) or scalar (t/T) {preset_default('time_embedding')}")
     p.add_argument("--cond", action="store_true",
                    help="extension: a class-conditional model, for sample --class and --guidance")
     p.add_argument("--p-uncond", type=prob_arg,
@@ -2157,6 +2190,9 @@ def add_bench_parser(sub):
     p.add_argument("--batch-size", type=int_in(1), default=128, help="images per step (default: 128)")
     p.add_argument("--reps", type=int_in(1), default=5, help="timed repetitions (default: 5)")
     p.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    p.add_argument("--recompute-schedule", action="store_true",
+                   help="rebuild alpha_bar from the betas in every training step instead of reading the "
+                        "precomputed buffers, to time what they save")
     p.set_defaults(func=cmd_bench)
 
 
@@ -2489,7 +2525,7 @@ def compare_guidance(args, eps_model, schedule, cfg, clf, cache, out):
 def cmd_bench(args):
     cfg = PRESETS[args.preset]
     cfg = replace(cfg, precision=args.precision, **({"channels": args.channels} if args.channels else {}))
-    bench(cfg, resolve_device(args.device), args.batch_size, args.reps, args.compile)
+    bench(cfg, resolve_device(args.device), args.batch_size, args.reps, args.compile, args.recompute_schedule)
 
 
 def some_digits(args):

@@ -118,6 +118,7 @@ BAD = [
     ("train", "--schedule", "quadratic"),
     ("train", "--lr-schedule", "step"),
     ("train", "--min-snr-gamma", "-1"),
+    ("train", "--time-embedding", "integer"),
     ("train", "--run-dir", "runs/ddpm"),                     # has a checkpoint: needs --resume
     ("train", "--run-dir", "empty", "--resume"),
     ("train", "--run-dir", "runs/ddpm", "--resume", "--overwrite"),
