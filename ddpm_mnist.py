@@ -37,7 +37,7 @@ Extensions, each off unless asked for:
     python ddpm_mnist.py train --lr-schedule cosine --warmup-steps 100 --min-snr-gamma 5
     python ddpm_mnist.py train --preset cifar10     # 32x32 colour, the DDPM paper's CIFAR-10 model
     python ddpm_mnist.py train --preset cpu --cond --epochs 4 --run-dir runs/cond   # ask for a digit
-    python ddpm_mnist.py sample --ckpt samples/ema_cond_fp16.pt --class 7 --guidance 3
+    python ddpm_mnist.py sample --ckpt samples/ema_cond_fp16.pt --class 7
     python ddpm_mnist.py compare --ckpt samples/ema_cond_fp16.pt --guidance 0,1,2,3,5,8
     torchrun --standalone --nproc_per_node=4 ddpm_mnist.py train   # several GPUs
 
@@ -747,7 +747,9 @@ def guided(eps_model, y, s, null_label):
     return eps_tilde
 
 
-DEFAULT_GUIDANCE = 3.0           # s when --guidance is not given
+# s when --guidance is not given: the smallest scale whose samples were the digit asked for
+# at least 98% of the time, for the CPU conditional model (README, "Ask for a digit")
+DEFAULT_GUIDANCE = 2.0
 
 
 def digit_rows(n, ncol, num_classes):
