@@ -57,6 +57,13 @@ def tiny_run(mnist_dir, tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="session")
+def classifier(tmp_path_factory):
+    """Where the evaluation classifier of the synthetic digits is cached: the first test
+    that evaluates trains it, the others reuse it."""
+    return tmp_path_factory.mktemp("clf") / "clf.pt"
+
+
 def cli(*args, cwd=None, timeout=120):
     """Run the real command line in a fresh interpreter."""
     import subprocess

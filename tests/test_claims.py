@@ -45,14 +45,14 @@ def test_the_recomputed_schedule_equals_the_buffers(schedule):
     torch.testing.assert_close(recomputed.q_sample(x0, t, eps), buffers.q_sample(x0, t, eps), rtol=1e-4, atol=1e-5)
 
 
-def test_evaluate_scores_the_raw_weights_when_asked(tiny_run, mnist_dir, tmp_path):
+def test_evaluate_scores_the_raw_weights_when_asked(tiny_run, mnist_dir, classifier, tmp_path):
     ck = torch.load(tiny_run / "ckpt.pt", weights_only=True)
     assert any(not torch.equal(ck["model"][k], ck["ema"][k]) for k in ck["model"])
     fids = {}
     for weights in ("ema", "model"):
         out = tmp_path / f"{weights}.json"
         dm.main(["evaluate", "--ckpt", str(tiny_run / "ckpt.pt"), "--weights", weights, "--n", "20", "--steps", "3",
-                 "--data-dir", str(mnist_dir), "--classifier", str(tmp_path / "clf.pt"), "--out", str(out),
+                 "--data-dir", str(mnist_dir), "--classifier", str(classifier), "--out", str(out),
                  "--device", "cpu"])
         r = json.loads(out.read_text())
         assert f"{weights} weights" in r["samples_from"]

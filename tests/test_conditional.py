@@ -140,10 +140,11 @@ def test_sample_a_class_and_all_classes_with_their_labels(cond_run, tmp_path):
         assert z["images"].shape == (6, 28, 28) and z["labels"].tolist() == want
 
 
-def test_compare_guidance_draws_a_row_per_digit_and_a_column_per_scale(cond_run, mnist_dir, tmp_path, capsys):
+def test_compare_guidance_draws_a_row_per_digit_and_a_column_per_scale(cond_run, mnist_dir, classifier, tmp_path,
+                                                                     capsys):
     out = tmp_path / "guidance.png"
     dm.main(["compare", "--ckpt", str(cond_run / "ckpt.pt"), "--guidance", "0,1,3", "--n", "20",
-             "--data-dir", str(mnist_dir), "--classifier", str(tmp_path / "clf.pt"), "--out", str(out),
+             "--data-dir", str(mnist_dir), "--classifier", str(classifier), "--out", str(out),
              "--device", "cpu"])
     text = capsys.readouterr().out
     rows = [line.split() for line in text.splitlines() if line.strip() and line.split()[0] in ("0", "1", "3")]
@@ -155,21 +156,21 @@ def test_compare_guidance_draws_a_row_per_digit_and_a_column_per_scale(cond_run,
     assert w >= 3 * cell and w < 4 * cell + 20                          # three scales
 
 
-def test_evaluate_reads_the_labels_sample_wrote(cond_run, mnist_dir, tmp_path, capsys):
+def test_evaluate_reads_the_labels_sample_wrote(cond_run, mnist_dir, classifier, tmp_path, capsys):
     npz = tmp_path / "s.npz"
     dm.main(["sample", "--ckpt", str(cond_run / "ckpt.pt"), "--n", "12", "--steps", "2", "--format", "npz",
              "--out", str(npz), "--device", "cpu"])
-    dm.main(["evaluate", "--samples", str(npz), "--data-dir", str(mnist_dir), "--classifier", str(tmp_path / "clf.pt"),
+    dm.main(["evaluate", "--samples", str(npz), "--data-dir", str(mnist_dir), "--classifier", str(classifier),
              "--device", "cpu"])
     import json
     r = json.loads((tmp_path / "evaluate.json").read_text())
     assert len(r["class_accuracy_per_digit"]) == 10 and "class accuracy" in capsys.readouterr().out
 
 
-def test_evaluate_a_conditional_model_reports_class_accuracy(cond_run, mnist_dir, tmp_path):
+def test_evaluate_a_conditional_model_reports_class_accuracy(cond_run, mnist_dir, classifier, tmp_path):
     out = tmp_path / "e.json"
     dm.main(["evaluate", "--ckpt", str(cond_run / "ckpt.pt"), "--n", "20", "--steps", "3", "--guidance", "2",
-             "--data-dir", str(mnist_dir), "--classifier", str(tmp_path / "clf.pt"), "--out", str(out),
+             "--data-dir", str(mnist_dir), "--classifier", str(classifier), "--out", str(out),
              "--device", "cpu"])
     import json
     r = json.loads(out.read_text())

@@ -62,11 +62,6 @@ def test_npz_and_png_dir_exports_round_trip_exactly(tiny_run, tmp_path):
     assert np.array_equal(dm.read_samples(tmp_path / "s.npz").numpy(), a)
 
 
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory):
-    return tmp_path_factory.mktemp("clf") / "clf.pt"
-
-
 def test_evaluate_end_to_end(tiny_run, mnist_dir, classifier, tmp_path, capsys):
     out = tmp_path / "evaluate.json"
     dm.main(["evaluate", "--ckpt", str(tiny_run / "ckpt.pt"), "--n", "40", "--steps", "5", "--data-dir",

@@ -62,14 +62,14 @@ def test_progress_copes_with_grids_narrower_than_n(mnist_dir, tmp_path):
     assert w - 3 * cell - 2 < 80                        # three cells, not eight
 
 
-def test_evaluate_of_an_npz_reports_beside_it_and_names_no_checkpoint(tiny_run, mnist_dir, tmp_path):
+def test_evaluate_of_an_npz_reports_beside_it_and_names_no_checkpoint(tiny_run, mnist_dir, classifier, tmp_path):
     """The default checkpoint exists in the folder, yet the report is about the file."""
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "ddpm").symlink_to(tiny_run)
     sub = tmp_path / "mine"
     sub.mkdir()
     np.savez(sub / "s.npz", images=np.random.default_rng(0).integers(0, 256, (20, 28, 28), dtype=np.uint8))
-    r = cli("evaluate", "--samples", sub / "s.npz", "--data-dir", mnist_dir, "--classifier", tmp_path / "clf.pt",
+    r = cli("evaluate", "--samples", sub / "s.npz", "--data-dir", mnist_dir, "--classifier", classifier,
             "--device", "cpu", cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr
     assert not (tiny_run / "evaluate.json").exists()
