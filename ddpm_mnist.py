@@ -1320,6 +1320,10 @@ class Guidance:
     scale: float
     null_label: int              # the network's "no label", its num_classes
 
+    def eps_model_for(self, eps_model, device, start=0, stop=None):
+        """guided(eps_model) for samples start..stop: what the samplers call."""
+        return guided(eps_model, self.labels[start:stop].to(device), self.scale, self.null_label)
+
 
 def generate(eps_model, schedule, sampler, shape, seed=0, batch_size=256, guidance=None):
     """shape[0] samples as uint8 (N, H, W), made in batches. x_T comes from a CPU generator,
@@ -1334,8 +1338,8 @@ def generate(eps_model, schedule, sampler, shape, seed=0, batch_size=256, guidan
                       leave=False) as bar:
         for start in range(0, n, batch_size):
             x_T = torch.randn(min(batch_size, n - start), *shape[1:], generator=g_noise).to(device)
-            model = eps_model if guidance is None else guided(
-                eps_model, guidance.labels[start:start + len(x_T)].to(device), guidance.scale, guidance.null_label)
+            stop = start + len(x_T)
+            model = eps_model if guidance is None else guidance.eps_model_for(eps_model, device, start, stop)
             x0 = sampler(model, schedule, x_T, g_step, on_step=lambda *_: bar.update())
             out.append(to_uint8(x0).cpu())
     return torch.cat(out)
@@ -2366,7 +2370,7 @@ def cmd_sample(args):
     if args.gif:  # the same seeds as generate(), so a GIF ends on the grid `sample` would draw
         guide = guidance_from_args(args, cfg, args.n, grid_columns(args.n))
         if guide:
-            eps_model = guided(eps_model, guide.labels.to(device), guide.scale, guide.null_label)
+            eps_model = guide.eps_model_for(eps_model, device)
         x_T = torch.randn(args.n, *image_shape(cfg), generator=torch.Generator().manual_seed(args.seed)).to(device)
         frames = denoising_gif(eps_model, schedule, x_T, sampler, torch.Generator(device).manual_seed(args.seed + 1))
         save_gif(frames, out)
@@ -2556,7 +2560,7 @@ def cmd_interpolate(args):
     x_T = interpolation_noise(args.rows, args.cols, args.seed, image_shape(cfg)).to(schedule.betas.device)
     guide = guidance_from_args(args, cfg, args.rows * args.cols, args.cols)     # conditional: a digit per row
     if guide:
-        eps_model = guided(eps_model, guide.labels.to(x_T.device), guide.scale, guide.null_label)
+        eps_model = guide.eps_model_for(eps_model, x_T.device)
     x0 = ddim_sample(eps_model, schedule, x_T, steps=args.steps)        # eta = 0: a function of x_T
     cells = to_uint8(x0).cpu().unflatten(0, (args.rows, args.cols))          # (rows, cols, H, W[, 3])
     save_png(labeled_grid(cells), args.out)
