@@ -1,194 +1,81 @@
 """
 ddpm_mnist.py: a Denoising Diffusion Probabilistic Model, from scratch, on MNIST.
 
-A DDPM learns to generate images by learning to undo noise. A fixed forward process
-adds a little Gaussian noise at each of T steps until a digit becomes pure noise; a
-U-Net is trained to predict the noise that was added at any step, and sampling runs
-the chain backwards from pure noise, removing the predicted noise one step at a time.
+A DDPM learns to make images by learning to undo noise: a fixed forward process adds
+Gaussian noise over T steps until a digit is pure noise, a U-Net learns to predict that
+noise, and sampling removes predicted noise step by step, from pure noise to a new digit.
 
-    DDPM: Ho, Jain, Abbeel 2020, https://arxiv.org/abs/2006.11239  (Eq. / Alg. below)
+    DDPM: Ho, Jain, Abbeel 2020, https://arxiv.org/abs/2006.11239  (Eq. and Alg. below)
     DDIM: Song, Meng, Ermon 2020, https://arxiv.org/abs/2010.02502 (DDIM Eq. below)
 
-The file has two parts. Part I, "the DDPM", follows the case study's steps in order:
-config, noise schedule and forward process (Steps 1-2), U-Net (Step 3), EMA, data and
-training (Step 4), samplers (Step 5). It is the whole algorithm: a reader can stop at its
-end. What it borrows from Part II is bookkeeping it names as such (the Run object's
-files, clock and checkpoints; the choice of precision). Part II, "the tool", starts at
-the banner "PART II": run files and exact resume, precision, several processes,
-sampling to files, evaluation, pictures, bench and the command line.
-
-    python ddpm_mnist.py train                      # the case-study recipe (GPU: minutes)
-    python ddpm_mnist.py train --preset cpu         # a smaller recipe for a laptop CPU
-    python ddpm_mnist.py train --resume             # continue a killed run exactly
-    python ddpm_mnist.py sample --sampler ddim --steps 50
-    python ddpm_mnist.py sample --sampler ddpm --gif --n 16 --out samples/denoise.gif
-    python ddpm_mnist.py evaluate                   # FID, digit classes, copies
-    python ddpm_mnist.py compare                    # DDPM-1000 vs DDIM-10..100
-    python ddpm_mnist.py bench                      # throughput, FLOPs, sampling time
-    python ddpm_mnist.py forward                    # one digit at growing noise levels
-    python ddpm_mnist.py schedule                   # linear vs cosine: curves and noised digits
-    python ddpm_mnist.py interpolate                # morph between two starting noises
-    python ddpm_mnist.py progress --run-dir runs/ddpm  # the per-epoch grids in one picture
-    python ddpm_mnist.py export                     # EMA weights in fp16 -> samples/ema_fp16.pt
-
-Extensions, each off unless asked for:
-
-    python ddpm_mnist.py train --schedule cosine    # Nichol & Dhariwal's cosine schedule
-    python ddpm_mnist.py train --lr-schedule cosine --warmup-steps 100 --min-snr-gamma 5
-    python ddpm_mnist.py train --preset cifar10     # 32x32 colour, the DDPM paper's CIFAR-10 model
-    python ddpm_mnist.py train --preset cpu --cond --epochs 4 --run-dir runs/cond   # ask for a digit
-    python ddpm_mnist.py sample --ckpt samples/ema_cond_fp16.pt --class 7
-    python ddpm_mnist.py compare --ckpt samples/ema_cond_fp16.pt --guidance 0,1,2,3,5,8
-    torchrun --standalone --nproc_per_node=4 ddpm_mnist.py train   # several GPUs
-
-Until `train` has written runs/ddpm/ckpt.pt, the sampling commands use the committed
-weights samples/ema_fp16.pt. Every subcommand explains its flags with --help.
+Three parts, each using only those above it: Part I, the case study's DDPM (Steps 1-5),
+runs on its own; Part II adds the extensions; Part III is the tool (`--help`). README.md
+has a reading path through Part I with its equations, and exercises.
 """
-import argparse
 import copy
-import csv
-import io
-import json
 import math
-import os
-import pickle
-import re
-import signal
-import sys
-import time
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from dataclasses import dataclass
 
-import numpy as np  # for .npz files and PIL conversions
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
 
 # =============================================================================
 # PART I: THE DDPM
 # =============================================================================
 
 # -----------------------------------------------------------------------------
-# Config: the case study's recipe, in one place. argparse reads its defaults here,
-# and every checkpoint stores the resolved config, so sampling rebuilds the same model.
-
+# The case study's recipe in one place; every checkpoint stores it.
 
 @dataclass
 class Config:
-    dataset: str = "mnist"       # the images: their channels and size come from IMAGE_SHAPES
-    # Step 1, noise schedule (DDPM Sec. 4: linear betas, T = 1000)
-    T: int = 1000                # number of diffusion steps
-    beta_1: float = 1e-4         # beta at the paper's t = 1: almost no noise added
-    beta_T: float = 0.02         # beta at the paper's t = T: x_T is close to N(0, I)
-    schedule: str = "linear"     # "cosine": an extension (make_betas)
-    # Step 3, U-Net
+    # Step 1: the noise schedule (DDPM Sec. 4)
+    T: int = 1000                # diffusion steps
+    beta_1: float = 1e-4         # noise added at the first step: almost none
+    beta_T: float = 0.02         # at the last; by then x_T is close to N(0, I)
+    # Step 3: the U-Net
     channels: tuple = (64, 128, 256, 256)  # widths of the 28, 14, 7 and 3 px levels
     num_res_blocks: int = 2      # residual blocks per level
-    time_embedding: str = "sinusoidal"  # "learned" or "scalar": to check the case study's claim (UNet)
-    attn_sizes: tuple = ()       # sizes (px) of the levels that get self-attention (CIFAR-10: 16)
-    dropout: float = 0.0         # dropout in the residual blocks (CIFAR-10: 0.1)
-    # Step 4, training
+    # Step 4: training
     lr: float = 2e-4             # AdamW learning rate
-    weight_decay: float = 1e-4   # AdamW decoupled weight decay
+    weight_decay: float = 1e-4   # AdamW's decoupled weight decay
     batch_size: int = 128
-    epochs: int = 50             # 50 x 468 = 23,400 steps
-    ema_decay: float = 0.9999    # EMA of the weights, what sampling uses
-    seed: int = 0
-    precision: str = "auto"      # auto: by device (choose_precision); bf16, fp16 or fp32
-    hflip: bool = False          # extension: random horizontal flips (CIFAR-10, as the DDPM paper)
-    grid_n: int = 64             # EMA samples drawn into a grid after every epoch (0: none)
-    # Short-run levers (extensions, off in the case study; see lr_at and min_snr_weight)
-    lr_schedule: str = "constant"  # "cosine": linear warm-up, then cosine decay to 0
-    warmup_steps: int = 0        # steps of linear warm-up, with lr_schedule "cosine"
-    min_snr_gamma: float = 0.0   # 0: plain MSE, as the case study; 5: min-SNR-gamma weighting
-    # Extension, class conditioning and classifier-free guidance (the label embedding in UNet)
-    num_classes: int = 0         # 0: unconditional, as the case study; 10: ask for a digit
-    p_uncond: float = 0.1        # with num_classes: the share of labels dropped to "no label"
-    preset: str = "paper"
-
-
-PRESETS = {
-    "paper": Config(),
-    # Chosen by measurement on a 2-core AVX512-BF16 CPU (README, "A faster CPU recipe"):
-    # half the widths is 4x fewer FLOPs; a larger learning rate and a shorter EMA suit a
-    # short run; then, one lever at a time over 2 epochs, a warm-up and decay of the lr to
-    # 0, min-SNR-5 weighting, the cosine schedule and batch 32 each raised the confident
-    # share, to 79% with deterministic DDIM-50 in under 12 minutes.
-    "cpu": Config(channels=(32, 64, 128, 128), batch_size=32, epochs=2, lr=1e-3, ema_decay=0.999,
-                  schedule="cosine", lr_schedule="cosine", warmup_steps=100, min_snr_gamma=5.0, preset="cpu"),
-    # Extension, CIFAR-10: the DDPM paper's CIFAR-10 model and recipe as far as this U-Net
-    # goes (its Sec. 4 and App. B): widths 128-256-256-256, attention at 16 px, dropout 0.1,
-    # flips. The paper trained 800k steps; 100 epochs here are 39,000 (README, CIFAR-10).
-    "cifar10": Config(dataset="cifar10", channels=(128, 256, 256, 256), attn_sizes=(16,), dropout=0.1,
-                      hflip=True, epochs=100, preset="cifar10"),
-}
-IMAGE_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}   # (C, H, W) of each data set's images
-NUM_CLASSES = 10                 # digits 0-9, or CIFAR-10's ten classes: what --cond conditions on
-SCHEDULES = ("linear", "cosine")
-TIME_EMBEDDINGS = ("sinusoidal", "learned", "scalar")
-GROUPS = 8                       # GroupNorm groups, so every width must divide by 8
-DDIM_STEPS = 50                  # the case study's fast sampler: 50 of the T steps
-
-
-def image_shape(cfg):
-    """(C, H, W) of the images a config trains on: the one place the data's shape is set."""
-    return IMAGE_SHAPES[cfg.dataset]
-
-
-def config_from_dict(d):
-    """Rebuild a Config from a checkpoint's plain dict. Unknown keys are ignored and
-    missing ones take the case study's defaults, so older checkpoints still load."""
-    names = {f.name for f in fields(Config)}
-    cfg = Config(**{k: v for k, v in d.items() if k in names})
-    return replace(cfg, channels=tuple(int(c) for c in cfg.channels), attn_sizes=tuple(int(a) for a in cfg.attn_sizes))
-
-
-class UserError(Exception):
-    """Bad input: main() prints the message as one line and exits with code 2."""
-
+    epochs: int = 50             # 50 x 468 steps = 23,400
+    ema_decay: float = 0.9999    # sampling uses an average over the last ~10k steps' weights
+    seed: int = 0                # the initial weights, the data order, every t and eps
 
 # -----------------------------------------------------------------------------
 # Steps 1 and 2: the noise schedule, and the forward process in closed form.
 #
-# Timestep convention, used everywhere below: an index t in 0..T-1 is the paper's
-# timestep t+1. So betas[0] is the paper's beta_1, alphas_cumprod[T-1] is alpha_bar_T,
-# and alphas_cumprod_prev[0] = 1 stands for alpha_bar_0 (no noise at all).
-
+# The forward process adds a little Gaussian noise at each step,
+#     q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I),
+# and since Gaussians compose, x_t can be drawn from x_0 in one jump (Eq. 4):
+#     x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps,  eps ~ N(0, I),
+#     alpha_bar_t = (1 - beta_1) (1 - beta_2) ... (1 - beta_t).
+# sqrt(alpha_bar_t) is how much of the digit is left in x_t: 1.0 at t = 1, 0.006 at t = T.
+#
+# Timestep convention, used everywhere below: an index t in 0..T-1 is the paper's timestep
+# t+1. So betas[0] is the paper's beta_1, alphas_cumprod[T-1] is alpha_bar_T, and
+# alphas_cumprod_prev[0] = 1 stands for alpha_bar_0 (no noise at all).
 
 def extract(a, t, x):
     """Pick a[t] per batch element and shape it to broadcast over x: (B,) -> (B, 1, 1, 1)."""
     return a[t].view(-1, *([1] * (x.dim() - 1)))
 
-
-def make_betas(T, beta_1, beta_T, schedule="linear"):
-    """beta_1 .. beta_T in float64. "linear" is the DDPM paper's (Sec. 4)."""
-    if schedule == "linear":
-        return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
-    if schedule != "cosine":
-        raise ValueError(f"unknown schedule {schedule!r}")
-    # Extension, the cosine schedule (Nichol & Dhariwal 2021, Eq. 17): alpha_bar follows
-    # cos^2, so it falls slowly at both ends and far fewer steps are spent on near-pure noise.
-    s = 0.008
-    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
-    alpha_bar = f / f[0]                                          # alpha_bar(0) .. alpha_bar(T)
-    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)  # clipped: no beta of 1 at t = T
-
+def linear_betas(T, beta_1, beta_T):
+    """beta_1 .. beta_T rising in a straight line, in float64 (DDPM Sec. 4)."""
+    return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
 
 class NoiseSchedule(nn.Module):
-    """The betas and every quantity derived from them, as float32 buffers.
+    """The betas and all that derives from them, computed once (Key Lesson 1) in float64
+    (1 - alpha_bar_t loses its digits in float32 near t = 0), stored as float32 buffers
+    named as in the original DDPM code, which `.to(device)` moves."""
 
-    Computed once in float64 (1 - alpha_bar_t loses most of its digits in float32 near
-    t = 0), then cast to float32 and registered by name, so `.to(device)` moves them and
-    each name can be grepped against the original DDPM code, whose names these are.
-    """
-
-    def __init__(self, T=1000, beta_1=1e-4, beta_T=0.02, schedule="linear"):
+    def __init__(self, T=1000, beta_1=1e-4, beta_T=0.02, make_betas=linear_betas):
         super().__init__()
         self.T = T
         f32 = lambda v: v.to(torch.float32)
-        betas = make_betas(T, beta_1, beta_T, schedule)
+        betas = make_betas(T, beta_1, beta_T)
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, dim=0)                          # alpha_bar_t
         alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)   # alpha_bar_{t-1}
@@ -196,7 +83,7 @@ class NoiseSchedule(nn.Module):
         self.register_buffer("alphas", f32(alphas))
         self.register_buffer("alphas_cumprod", f32(alphas_cumprod))
         self.register_buffer("alphas_cumprod_prev", f32(alphas_cumprod_prev))
-        # for q(x_t | x_0) (Eq. 4) and for recovering x_0 from x_t and eps
+        # for q(x_t | x_0) (Eq. 4) and for recovering x_0 from x_t and eps (Step 5)
         self.register_buffer("sqrt_alphas_cumprod", f32(alphas_cumprod.sqrt()))
         self.register_buffer("sqrt_one_minus_alphas_cumprod", f32((1.0 - alphas_cumprod).sqrt()))
         self.register_buffer("sqrt_recip_alphas_cumprod", f32((1.0 / alphas_cumprod).sqrt()))
@@ -204,8 +91,7 @@ class NoiseSchedule(nn.Module):
         # Eq. 6-7: the posterior q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta_tilde_t I)
         self.register_buffer("posterior_variance", f32(betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)))
         self.register_buffer("posterior_mean_coef1", f32(betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod)))
-        self.register_buffer("posterior_mean_coef2",
-                             f32((1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod)))
+        self.register_buffer("posterior_mean_coef2", f32((1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod)))
         assert self.alphas_cumprod_prev[0] == 1.0 and self.posterior_variance[0] == 0.0, \
             "index 0 must be the paper's t = 1, whose posterior is the data itself"
 
@@ -214,77 +100,48 @@ class NoiseSchedule(nn.Module):
         return extract(self.sqrt_alphas_cumprod, t, x0) * x0 + \
             extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
-
-def make_schedule(cfg):
-    """The one place a config becomes a schedule: training and every command use it."""
-    return NoiseSchedule(cfg.T, cfg.beta_1, cfg.beta_T, cfg.schedule)
-
-
 # -----------------------------------------------------------------------------
 # Step 3: the U-Net that predicts the noise, eps_theta(x_t, t).
+#
+#   x_t (B, 1, 28, 28)                                               eps_theta (B, 1, 28, 28)
+#    | stem: 3x3 conv                                                  ^ GroupNorm, SiLU, 3x3 conv
+#   28 px,  64 ch: 2 ResBlocks -------------- skip ---------------> cat, 2 ResBlocks
+#    | down: 3x3 conv, stride 2                                        ^ up: resize, 3x3 conv
+#   14 px, 128 ch: 2 ResBlocks ---------- skip ----------> cat, 2 ResBlocks
+#    | down                                                   ^ up
+#    7 px, 256 ch: 2 ResBlocks ----- skip -----> cat, 2 ResBlocks
+#    | down                                        ^ up
+#    3 px, 256 ch: 2 ResBlocks, the bottom of the U
+#   t (B,) -> sinusoidal (B, 64) -> 2-layer MLP (B, 256): added inside every ResBlock
+# Deep levels see the whole digit; the skips hand the decoder the detail seen on the way down.
 
+GROUPS = 8                       # GroupNorm groups, so every width must divide by 8
 
 def timestep_embedding(t, dim):
-    """Sinusoidal embedding of integer timesteps, (B,) -> (B, dim), as in the Transformer.
-
-    Nearby t get nearby vectors, so the network sees the noise level as a smooth quantity
-    rather than 1000 unrelated classes.
-    """
+    """Sinusoidal embedding of integer timesteps, (B,) -> (B, dim), as in the Transformer: nearby
+    t get nearby vectors, a smooth noise level, not 1000 unrelated classes (Key Lesson 3)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
     angles = t.float()[:, None] * freqs[None, :]                        # (B, half)
     return torch.cat([angles.sin(), angles.cos()], dim=1)               # (B, dim)
 
-
-class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm, with one measured detour. PyTorch's CPU kernel is slow for bf16
-    channels_last input with under 16 channels per group (7.9 ms against 1.0 ms in NCHW
-    at 64 channels, 28 px, batch 32: README, Speed), so that case normalizes in fp32 and
-    casts back; the result is the same up to bf16 rounding, and parameters are unchanged."""
-
-    def forward(self, x):
-        if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.shape[1] // self.num_groups < 16
-                and x.is_contiguous(memory_format=torch.channels_last)):
-            return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
-        return super().forward(x)
-
-
 class ResBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv, twice, with the time embedding added in between."""
+    """GroupNorm -> SiLU -> conv, twice, the time embedding added in between; plus the input."""
 
-    def __init__(self, c_in, c_out, t_dim, dropout=0.0):
+    def __init__(self, c_in, c_out, t_dim):
         super().__init__()
-        self.norm1 = GroupNorm(GROUPS, c_in)
+        self.norm1 = nn.GroupNorm(GROUPS, c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.t_proj = nn.Linear(t_dim, c_out)
-        self.norm2 = GroupNorm(GROUPS, c_out)
-        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()   # CIFAR-10: 0.1, as DDPM
+        self.norm2 = nn.GroupNorm(GROUPS, c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, t_emb):
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.t_proj(t_emb)[:, :, None, None]                    # (B, C) -> (B, C, 1, 1)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(F.silu(self.norm2(h)))
         return self.skip(x) + h
-
-
-class SelfAttention(nn.Module):
-    """Extension for CIFAR-10: every pixel attends to every other (one head, as in the DDPM
-    paper's 16 px level), so distant parts of an image can agree. A residual block."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.norm = GroupNorm(GROUPS, c)
-        self.qkv = nn.Conv2d(c, 3 * c, 1)
-        self.proj = nn.Conv2d(c, c, 1)
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)   # 3 x (B, HW, C)
-        h = F.scaled_dot_product_attention(q, k, v)                                   # (B, HW, C)
-        return x + self.proj(h.transpose(1, 2).reshape(B, C, H, W))
-
 
 class Downsample(nn.Module):
     """A 3x3 stride-2 conv. Padding 1 on even sizes (28 -> 14 -> 7), none on odd ones,
@@ -297,10 +154,8 @@ class Downsample(nn.Module):
     def forward(self, x):
         return self.conv(x)
 
-
 class Upsample(nn.Module):
-    """Nearest-neighbour resize to the skip's size, then a 3x3 conv to its width.
-    Resizing to a given size (not x2) is what makes 3 -> 7 come out right."""
+    """Nearest-neighbour resize to the skip's size (not x2: so 3 -> 7), then a 3x3 conv."""
 
     def __init__(self, c_in, c_out):
         super().__init__()
@@ -309,351 +164,190 @@ class Upsample(nn.Module):
     def forward(self, x, size):
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
-
 class UNet(nn.Module):
     """eps_theta(x_t, t): (B, C, H, W) images and (B,) integer timesteps -> (B, C, H, W).
+    One skip per level (the original keeps one per block): 11.6M parameters, the case
+    study's "about 10 million". No attention: at 7 and 3 px a conv sees the whole digit."""
 
-    Encoder: at each of the 4 levels (28, 14, 7, 3 px for MNIST) `num_res_blocks`
-    ResBlocks, then a downsample. The 3 px level is the bottom of the U and plays the role
-    of the middle block. Decoder: at 7, 14, 28 px, upsample, concatenate the encoder's
-    output at that size, then `num_res_blocks` ResBlocks.
-
-    Decoder layout, chosen for the case study's "about 10M parameters": one skip per
-    level, concatenated into the first decoder block. The original DDPM U-Net keeps a
-    skip after every block and has one more decoder block per level, each wider for the
-    extra concatenations: more parameters than the case study's size (not built here, so
-    no count is given). No attention layers for MNIST: the case study has none, and at 7 and
-    3 px the convolutions already see the whole image; CIFAR-10 adds them (attn_sizes).
-    """
-
-    def __init__(self, channels=(64, 128, 256, 256), num_res_blocks=2, in_channels=1, size=28,
-                 attn_sizes=(), dropout=0.0, num_classes=None, time_embedding="sinusoidal", T=1000):
+    def __init__(self, channels=(64, 128, 256, 256), num_res_blocks=2, in_channels=1, size=28):
         super().__init__()
         c0, t_dim = channels[0], 4 * channels[0]
-        self.c0, self.T = c0, T
-        # Ablation, to check the case study's claim that integer embeddings do worse (see
-        # embed_time): "learned" has a table of one free vector per t; "scalar" reads t/T.
-        self.time_embedding = time_embedding
-        self.t_table = nn.Embedding(T, c0) if time_embedding == "learned" else None
-        # 2-layer MLP on the time embedding; its SiLU'd output feeds every block
-        t_in = 1 if time_embedding == "scalar" else c0
-        self.time_mlp = nn.Sequential(nn.Linear(t_in, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim), nn.SiLU())
-        # Extension, class conditioning: one learned vector per label and a last row for
-        # "no label" (the null label, num_classes), added to the time embedding so that
-        # every block sees both. Unconditional networks have no such layer.
-        self.num_classes = num_classes
-        self.label_emb = nn.Embedding(num_classes + 1, t_dim) if num_classes else None
+        self.c0 = c0
+        self.time_mlp = nn.Sequential(nn.Linear(c0, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim), nn.SiLU())
         self.stem = nn.Conv2d(in_channels, c0, 3, padding=1)
-        self.sizes = [size]
+        self.sizes = [size]                                             # 28, 14, 7, 3
         self.enc, self.down = nn.ModuleList(), nn.ModuleList()
         c_prev = c0
-        self.attn = nn.ModuleDict()          # after each block of an attention level; empty for MNIST
         for i, c in enumerate(channels):
-            self.enc.append(nn.ModuleList(
-                [ResBlock(c_prev if j == 0 else c, c, t_dim, dropout) for j in range(num_res_blocks)]))
-            if self.sizes[i] in attn_sizes:
-                self.attn.update({f"enc{i}_{j}": SelfAttention(c) for j in range(num_res_blocks)})
+            self.enc.append(nn.ModuleList([self.res_block(c_prev if j == 0 else c, c, t_dim, self.sizes[i])
+                                           for j in range(num_res_blocks)]))
             if i < len(channels) - 1:
-                size = self.sizes[-1]
-                self.down.append(Downsample(c, size))
-                self.sizes.append((size + (2 if size % 2 == 0 else 0) - 3) // 2 + 1)
+                self.down.append(Downsample(c, self.sizes[i]))
+                self.sizes.append((self.sizes[i] + (2 if self.sizes[i] % 2 == 0 else 0) - 3) // 2 + 1)
             c_prev = c
         self.up, self.dec = nn.ModuleList(), nn.ModuleList()
         for i in reversed(range(len(channels) - 1)):                    # 7, 14, 28 px
             c = channels[i]
             self.up.append(Upsample(channels[i + 1], c))
-            self.dec.append(nn.ModuleList(
-                [ResBlock(2 * c if j == 0 else c, c, t_dim, dropout) for j in range(num_res_blocks)]))
-            if self.sizes[i] in attn_sizes:
-                self.attn.update({f"dec{i}_{j}": SelfAttention(c) for j in range(num_res_blocks)})
-        self.out = nn.Sequential(GroupNorm(GROUPS, c0), nn.SiLU(), nn.Conv2d(c0, in_channels, 3, padding=1))
+            self.dec.append(nn.ModuleList([self.res_block(2 * c if j == 0 else c, c, t_dim, self.sizes[i])
+                                           for j in range(num_res_blocks)]))
+        self.out = nn.Sequential(nn.GroupNorm(GROUPS, c0), nn.SiLU(), nn.Conv2d(c0, in_channels, 3, padding=1))
 
-    def embed_time(self, t):
-        """(B,) integer t -> what the time MLP reads: the sinusoidal embedding, as the case
-        study. Ablation only: a learned table row per t, or the scalar t/T, (B, 1)."""
-        if self.time_embedding == "learned":
-            return self.t_table(t)
-        if self.time_embedding == "scalar":
-            return t.float()[:, None] / self.T
-        return timestep_embedding(t, self.c0)
+    def res_block(self, c_in, c_out, t_dim, size):
+        """The block of every level; Part II's CIFAR-10 network adds to it at some sizes."""
+        return ResBlock(c_in, c_out, t_dim)
 
-    def forward(self, x, t, y=None):
-        t_emb = self.time_mlp(self.embed_time(t))                       # (B,) -> (B, 4*c0)
-        if self.label_emb is not None:                                  # conditional; y None: no label
-            t_emb = t_emb + self.label_emb(torch.full_like(t, self.num_classes) if y is None else y)
+    def forward(self, x, t):
+        t_emb = self.time_mlp(timestep_embedding(t, self.c0))            # (B,) -> (B, 4*c0)
+        return self.unet(x, t_emb)
+
+    def unet(self, x, t_emb):
+        """Down the U and back up, every block told the noise level by t_emb."""
         h = self.stem(x)                                                # (B, c0, 28, 28)
         skips = []
         for i, blocks in enumerate(self.enc):
-            for j, block in enumerate(blocks):
+            for block in blocks:
                 h = block(h, t_emb)
-                h = self.attn[f"enc{i}_{j}"](h) if f"enc{i}_{j}" in self.attn else h
             if i < len(self.down):
                 skips.append(h)
                 h = self.down[i](h)                                     # 28 -> 14 -> 7 -> 3
-        for up, blocks, i in zip(self.up, self.dec, reversed(range(len(self.down)))):
+        for up, blocks in zip(self.up, self.dec):
             skip = skips.pop()
-            h = up(h, skip.shape[-2:])                                  # 3 -> 7 -> 14 -> 28
-            h = torch.cat([h, skip], dim=1)                             # (B, 2c, H, W)
-            for j, block in enumerate(blocks):
+            h = torch.cat([up(h, skip.shape[-2:]), skip], dim=1)        # 3 -> 7 -> 14 -> 28: (B, 2c, H, W)
+            for block in blocks:
                 h = block(h, t_emb)
-                h = self.attn[f"dec{i}_{j}"](h) if f"dec{i}_{j}" in self.attn else h
         return self.out(h)
-
-
-def make_unet(cfg):
-    """The network a config describes, its input shaped like the config's images."""
-    C, H, _ = image_shape(cfg)
-    return UNet(cfg.channels, cfg.num_res_blocks, C, H, cfg.attn_sizes, cfg.dropout, cfg.num_classes or None,
-                cfg.time_embedding, cfg.T)
-
-
-def count_params(model):
-    return sum(p.numel() for p in model.parameters())
-
 
 # -----------------------------------------------------------------------------
 # Step 4a: EMA of the weights.
 #
-# Sampling uses an exponential moving average of the weights: it averages out the noise
-# of the last few thousand SGD steps, which the case study found "critical" for clean
-# samples. With decay 0.9999 the average spans ~10k steps, almost half of a 23k-step run,
-# so without a warm-up the random initial weights would still weigh e^-2.3 = 10% at the
-# end. The warm-up decay_n = min(decay, (1 + n) / (10 + n)) makes the early average short.
-
+# Sampling uses an exponential moving average of the weights, which averages out the noise
+# of the last steps: "critical" for clean samples (Key Lesson 2). At decay 0.9999 it spans
+# ~10k steps, so without a warm-up the random initial weights would still weigh e^-2.3 =
+# 10% at the end of a 23k-step run; decay_n = min(decay, (1 + n) / (10 + n)) prevents that.
 
 def ema_decay_at(n, decay):
     return min(decay, (1 + n) / (10 + n))
-
 
 @torch.no_grad()
 def ema_update(ema_params, params, decay):
     """ema <- decay * ema + (1 - decay) * theta, for every tensor in one fused call."""
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
-
 # -----------------------------------------------------------------------------
-# Step 4b: data. MNIST as one uint8 tensor on the device.
-#
-# The whole training set is 47 MB as uint8, so it lives on the device and a batch is an
-# index into it: no DataLoader workers, no per-image Python on the hot path.
-
-
-def mnist_raw_folder(data_dir):
-    return Path(data_dir) / "MNIST" / "raw"
-
+# Step 4b: data. MNIST is 47 MB as uint8, so it lives on the device and a batch is an index
+# into it: no DataLoader workers, no per-image Python on the hot path.
 
 def load_mnist(data_dir, train=True):
     """(N, 28, 28) uint8 images and (N,) labels, via torchvision (downloads if missing)."""
-    # Imported here, not at the top: torchvision pulls in torch._dynamo, a second of start-up
-    # that every command not reading MNIST (sample, interpolate, bench) can skip.
-    from torchvision.datasets import MNIST
-    raw = mnist_raw_folder(data_dir)
-    made = [p for p in (raw, raw.parent, Path(data_dir)) if not p.exists()]
-    try:
-        ds = MNIST(data_dir, train=train, download=True)
-    except Exception as e:  # no network, a proxy error, a partial file...
-        for p in made:  # leave no empty folders behind
-            if p.is_dir() and not any(p.iterdir()):
-                p.rmdir()
-        raise UserError(f"--data-dir {data_dir}: MNIST is missing and could not be downloaded "
-                        f"({type(e).__name__}); put the four IDX files (train-images-idx3-ubyte, ...) "
-                        f"in {raw}") from None
+    from torchvision.datasets import MNIST          # here: a second of start-up that sample skips
+    ds = MNIST(data_dir, train=train, download=True)
     return ds.data, ds.targets
 
-
-def load_cifar10(data_dir, train=True):
-    """Extension: CIFAR-10 as uint8 (N, 32, 32, 3) images and (N,) labels, via torchvision
-    (downloads if missing; offline, put cifar-10-batches-py in --data-dir)."""
-    from torchvision.datasets import CIFAR10
-    try:
-        ds = CIFAR10(data_dir, train=train, download=True)
-    except Exception as e:
-        raise UserError(f"--data-dir {data_dir}: CIFAR-10 is missing and could not be downloaded "
-                        f"({type(e).__name__}); put the extracted cifar-10-batches-py folder in {data_dir}") from None
-    return torch.from_numpy(ds.data), torch.tensor(ds.targets)
-
-
-def load_data(cfg, data_dir, train=True):
-    """The config's data set as uint8 images, (N, H, W) or (N, H, W, 3), and labels: the one
-    place to add one."""
-    return load_cifar10(data_dir, train) if cfg.dataset == "cifar10" else load_mnist(data_dir, train)
-
-
-def random_hflip(x, generator):
-    """Extension for CIFAR-10: mirror each image left-right with probability 1/2."""
-    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5      # (B,)
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
-
-
 def epoch_batches(n, batch_size, seed, epoch):
-    """The index batches of one epoch, (n // batch_size, batch_size).
-
-    The order depends only on (seed, epoch), so a resumed run replays it exactly. The
-    last partial batch is dropped so every step has the same shape (a different tail
-    is dropped each epoch).
-    """
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    steps = n // batch_size
-    return perm[: steps * batch_size].view(steps, batch_size)
-
+    """The index batches of one epoch, (n // batch_size, batch_size), a function of (seed,
+    epoch) so a resumed run replays it; the partial last batch is dropped (shapes stay fixed)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[: n // batch_size * batch_size].view(-1, batch_size)
 
 def to_model_range(images_uint8):
-    """uint8 images in 0..255, (B, H, W) grey or (B, H, W, 3) colour as image files lay them
-    out -> float (B, C, H, W) in [-1, 1], as the network takes them."""
+    """uint8 (B, H, W) grey or (B, H, W, 3) colour in 0..255 -> float (B, C, H, W) in [-1, 1]."""
     x = images_uint8.unsqueeze(1) if images_uint8.dim() == 3 else images_uint8.permute(0, 3, 1, 2)
     return x.float() / 127.5 - 1.0
-
 
 def to_uint8(x):
     """float (B, C, H, W) in [-1, 1] -> uint8 (B, H, W) or (B, H, W, 3), rounding to nearest."""
     u = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return u.squeeze(1) if u.shape[1] == 1 else u.permute(0, 2, 3, 1)
 
-
 # -----------------------------------------------------------------------------
 # Step 4c: training, Alg. 1.
+#
+#     repeat: x_0 ~ data, t ~ Uniform({1..T}), eps ~ N(0, I)
+#             gradient step on || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
+#
+# Why predict the noise? The true objective, a bound on -log p(x_0), sums over t the KL
+# divergence between the posterior q(x_{t-1} | x_t, x_0) and the network's step: a squared
+# distance between two means, which written with eps is || eps - eps_theta ||^2 times a
+# weight of t alone (Eq. 12). DDPM drops the weight (Eq. 14, L_simple): every t counts
+# alike, the target has unit variance at every noise level, and the samples came out better.
 
+@dataclass
+class Batch:
+    """One step's draws, Alg. 1 lines 2-4."""
+    x0: torch.Tensor             # (B, C, H, W) images in [-1, 1]
+    t: torch.Tensor              # (B,) indices 0..T-1, the paper's 1..T
+    eps: torch.Tensor            # (B, C, H, W) ~ N(0, I)
 
-def diffusion_loss(eps_model, schedule, x0, generator, min_snr_gamma=0.0, part=slice(None), y=None):
-    """Alg. 1: t ~ Uniform, eps ~ N(0, I), loss = || eps - eps_theta(x_t, t) ||^2 (with labels
-    y, a conditional model's eps_theta(x_t, t, y)). Also returns each image's t and squared
-    error, detached, for the loss-by-noise-level log."""
-    B = x0.shape[0]
-    t = torch.randint(0, schedule.T, (B,), device=x0.device, generator=generator)  # paper's 1..T
+def draw_batch(x0, T, generator):
+    """A timestep and a noise for each image: Alg. 1, lines 3 and 4."""
+    t = torch.randint(0, T, (x0.shape[0],), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator)
-    # torchrun (Part II): several processes each draw the whole batch's t and eps and keep
-    # their own share, so N processes take the same steps as one. Alone, part keeps all.
-    x0, t, eps = x0[part], t[part], eps[part]
-    x_t = schedule.q_sample(x0, t, eps)
-    eps_theta = eps_model(x_t, t) if y is None else eps_model(x_t, t, y[part])
-    per_image = (eps_theta - eps).pow(2).mean(dim=(1, 2, 3))           # (B,)
-    if not min_snr_gamma:
-        loss = F.mse_loss(eps_theta, eps)
-    else:
-        loss = (min_snr_weight(schedule, t, min_snr_gamma) * per_image).mean()
-    return loss, t, per_image.detach()
+    return Batch(x0, t, eps)
 
-
-def min_snr_weight(schedule, t, gamma):
-    """Extension, min-SNR-gamma weighting (Hang et al. 2023): for eps-prediction the loss
-    at t is scaled by min(SNR_t, gamma) / SNR_t, SNR_t = alpha_bar_t / (1 - alpha_bar_t).
-    It turns down the many nearly clean timesteps, whose gradients fight the noisy ones."""
-    snr = schedule.sqrt_recipm1_alphas_cumprod[t] ** -2   # from float64: 1 - alpha_bar_t in float32 loses digits
-    return snr.clamp(max=gamma) / snr
-
-
-def drop_labels(y, p_uncond, null_label, generator):
-    """Extension, classifier-free guidance training (Ho & Salimans 2022): each label becomes
-    the null label with probability p_uncond, so one network learns both eps(x_t, t, y) and
-    the unconditional eps(x_t, t, null) that guidance (Step 5) steers away from."""
-    drop = torch.rand(y.shape, device=y.device, generator=generator) < p_uncond
-    return torch.where(drop, torch.full_like(y, null_label), y)
-
-
-def lr_at(step, cfg, total):
-    """The learning rate at a 0-based step: constant, as the case study; or, a short-run
-    lever, a linear warm-up over cfg.warmup_steps and a cosine decay to 0 at `total`.
-    A function of the step alone, so a resumed run needs no scheduler state. The horizon
-    comes from --epochs: --max-steps and --max-minutes stop a run early but do not bend it."""
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def make_optimizer(model, cfg, device):
-    # Fused AdamW updates every tensor in one kernel instead of ~6 small ops per tensor:
-    # on the 2-core CPU it cut the preset's optimizer step from 9.3 to 3.0 ms.
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                             fused=device.type in ("cuda", "cpu"))
-
+def diffusion_loss(eps_model, schedule, b):
+    """Alg. 1, line 5: L_simple, and each image's squared error (B,) for whoever keeps a log."""
+    x_t = schedule.q_sample(b.x0, b.t, b.eps)                           # Eq. 4
+    err = (b.eps - eps_model(x_t, b.t)).pow(2).mean(dim=(1, 2, 3))      # (B,)
+    return err.mean(), err
 
 @dataclass
 class Parts:
-    """What training works on, built once by build()."""
+    """What training works on, made by build()."""
     schedule: NoiseSchedule      # the buffers of Steps 1-2
     model: nn.Module             # theta, trained by AdamW
     ema: nn.Module               # the average of theta that sampling uses
     opt: torch.optim.Optimizer
-    eps_model: object            # model, maybe compiled, under autocast: what the loss calls
-    scaler: torch.amp.GradScaler  # fp16 only: scales the loss so small gradients do not flush to 0
-    # the images of each batch this process trains on: all, unless torchrun splits the batch
-    part: slice = field(default_factory=lambda: slice(None))
+    gen: torch.Generator         # draws every t and eps: a run is its seed
+    eps_model: nn.Module         # what the loss calls: the model (Part III may wrap it)
 
+def build(cfg, model, schedule, device):
+    """The model, its EMA copy, AdamW and the generator on `device` (seed torch before the model)."""
+    model = model.to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return Parts(schedule.to(device), model, ema, opt, torch.Generator(device).manual_seed(cfg.seed), model)
 
-def build(cfg, device, compile=False):
-    """The schedule, the network, its float32 EMA copy and the optimizer, on `device`."""
-    model = make_unet(cfg).to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)   # eval: no dropout when it samples
-    dtype, _ = choose_precision(device, cfg.precision)
-    return Parts(make_schedule(cfg).to(device), model, ema, make_optimizer(model, cfg, device),
-                 eps_model_for_training(model, device, cfg, compile),
-                 torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
-
-
-def eps_model_for_training(model, device, cfg, compile=False):
-    fwd = torch.compile(model) if compile else model        # checkpoints keep the plain names
-    return with_autocast(fwd, device, choose_precision(device, cfg.precision)[0])
-
-
-def train_step(p, x0, generator, step, cfg, y=None):
-    """One optimizer step and one EMA update; returns the loss (a 0-d device tensor),
-    and each image's t and error for the log."""
-    loss, t, per_image = diffusion_loss(p.eps_model, p.schedule, x0, generator, cfg.min_snr_gamma, p.part, y)
-    p.opt.zero_grad(set_to_none=True)
-    p.scaler.scale(loss).backward()     # with the scaler off (bf16, fp32) these three lines
-    p.scaler.step(p.opt)                # are loss.backward() and opt.step(); with fp16 a step
-    p.scaler.update()                   # whose gradients overflowed is skipped, and the scale shrinks
-    ema_update(list(p.ema.parameters()), list(p.model.parameters()), ema_decay_at(step, cfg.ema_decay))
-    return loss.detach(), t, per_image
-
-
-def train(cfg, run):
-    """Alg. 1 as one flat loop. The algorithm is all here; `run` (Part II) keeps the
-    files, the clock and Ctrl-C, and checkpoints so that a killed run resumes exactly."""
-    images, labels = load_data(cfg, run.data_dir)
-    data, labels = images.to(run.device), labels.to(run.device)  # (N, 28, 28) uint8 (MNIST), (N,)
+def train(cfg, data, p, start=0, on_step=None, draw=None, loss_fn=diffusion_loss):
+    """Alg. 1 as one flat loop, cfg.epochs passes over `data` (uint8 images on the device).
+    Part II may pass its own draw (labels, flips) and loss_fn (min-SNR); Part III passes
+    on_step, the bookkeeping after each step (logs, grids, checkpoints, the clock, Ctrl-C),
+    which returns True to stop. Part I alone needs none of them."""
+    draw = draw or (lambda idx: draw_batch(to_model_range(data[idx]), p.schedule.T, p.gen))
+    ema_params, params = list(p.ema.parameters()), list(p.model.parameters())
     steps_per_epoch = len(data) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"--batch-size {cfg.batch_size}: larger than the {len(data)} training images")
-    p = build(cfg, run.device, run.compile)
-    gen = torch.Generator(run.device).manual_seed(cfg.seed)  # draws every t and eps (and flips, dropped labels)
-    start = run.begin(cfg, p, gen, steps_per_epoch)         # 0, or the step a checkpoint saved
-    total = run.total_steps                                 # the planned steps, or fewer with --max-steps
-    horizon = cfg.epochs * steps_per_epoch                  # where a decaying lr reaches 0
-    for step in range(start, total + 1):
-        last_step = step == total or (step > start and run.should_stop(step))
-        if step > start:
-            run.after_step(step, last_step, p, gen)         # loss check, loss.csv, grid, checkpoint
-        if last_step:
-            break
+    for step in range(start, cfg.epochs * steps_per_epoch):
         epoch, i = divmod(step, steps_per_epoch)
-        if i == 0 or step == start:                         # a new epoch, or the first step after a resume
-            batches = epoch_batches(len(data), cfg.batch_size, cfg.seed, epoch).to(run.device)
-        x0 = to_model_range(data[batches[i]])               # (B, C, H, W) in [-1, 1]
-        x0 = random_hflip(x0, gen) if cfg.hflip else x0     # CIFAR-10 only
-        # Extension, class conditioning: the batch's labels, some dropped for guidance
-        y = drop_labels(labels[batches[i]], cfg.p_uncond, cfg.num_classes, gen) if cfg.num_classes else None
-        for group in p.opt.param_groups:
-            group["lr"] = lr_at(step, cfg, horizon)
-        run.record(*train_step(p, x0, gen, step, cfg, y))
-    run.finish(step)
-    return p
-
+        if i == 0 or step == start:                                    # each epoch's order, drawn once
+            order = epoch_batches(len(data), cfg.batch_size, cfg.seed, epoch).to(data.device)
+        b = draw(order[i])                                              # Alg. 1, lines 2-4
+        loss, err = loss_fn(p.eps_model, p.schedule, b)                 # line 5
+        p.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        p.opt.step()
+        ema_update(ema_params, params, ema_decay_at(step, cfg.ema_decay))
+        if on_step and on_step(step, loss.detach(), b.t, err.detach()):
+            break
 
 # -----------------------------------------------------------------------------
-# Step 5: samplers. Both take any eps_model(x, t) and the starting noise x_T, and return
-# images in [-1, 1]. A step function returns the mean and standard deviation of
-# x_{t-1} given x_t, so tests can check the formulas without sampling.
+# Step 5: samplers. Both take any eps_model(x, t) and x_T ~ N(0, I), and return images in
+# [-1, 1]; a step function returns the mean and std of x_{t-1}, so tests check the formulas.
+#
+# To step back from x_t to x_{t-1}, DDPM samples the forward process's posterior
+# q(x_{t-1} | x_t, x_0), a Gaussian in closed form (Eq. 6-7), with x_0 estimated from the
+# predicted noise by inverting Eq. 4: x_0 ~ (x_t - sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_bar_t).
+# T small steps, each adding fresh noise (Alg. 2).
+#
+# DDIM keeps the training and the network and changes only this last part: predict x_0,
+# then re-noise it to an earlier level s with the predicted noise itself (DDIM Eq. 12):
+#     x_s = sqrt(alpha_bar_s) x_0 + sqrt(1 - alpha_bar_s) eps_theta        (eta = 0)
+# No fresh noise, so the steps can be long: 50 jumps instead of 1000 (Key Lesson 4).
 
+DDIM_STEPS = 50                  # the case study's fast sampler: 50 of the T steps
 
 def predict_x0(schedule, x_t, t, eps_theta, clip=True):
-    """Invert Eq. 4 for x_0. Clipping to [-1, 1] (the data range) keeps early, wild
-    predictions from pushing samples off the image manifold; eps is then re-derived so
-    the pair (x_0, eps) still adds up to x_t exactly."""
+    """Invert Eq. 4 for x_0, clipped to the data range [-1, 1] so early, wild guesses cannot
+    push samples off the digits; eps is re-derived so (x_0, eps) still add up to x_t exactly."""
     x0 = extract(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t - \
         extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t) * eps_theta
     if clip:
@@ -662,7 +356,6 @@ def predict_x0(schedule, x_t, t, eps_theta, clip=True):
             extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
     return x0, eps_theta
 
-
 def ddpm_step(schedule, x_t, t, eps_theta, clip=True):
     """Eq. 7 with the predicted x_0: mean of q(x_{t-1} | x_t, x_0) and sigma_t = sqrt(beta_tilde_t).
     Unclipped, this mean is exactly Alg. 2 line 4, (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t)."""
@@ -670,7 +363,6 @@ def ddpm_step(schedule, x_t, t, eps_theta, clip=True):
     mean = extract(schedule.posterior_mean_coef1, t, x_t) * x0 + \
         extract(schedule.posterior_mean_coef2, t, x_t) * x_t
     return mean, extract(schedule.posterior_variance, t, x_t).sqrt(), x0
-
 
 def ddim_step(schedule, x_t, t, t_prev, eps_theta, eta=0.0, clip=True):
     """DDIM Eq. 12 from index t to index t_prev (-1 means the clean image, alpha_bar = 1)."""
@@ -683,18 +375,14 @@ def ddim_step(schedule, x_t, t, t_prev, eps_theta, eta=0.0, clip=True):
     mean = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * eps_theta
     return mean, sigma, x0
 
-
 def ddim_timesteps(T, steps):
-    """`steps` indices spaced T/steps apart, starting at T-1: the first step must start from
-    the pure-noise level x_T ~ N(0, I), which is what sampling feeds in. steps = T gives
-    every index T-1 .. 0, where eta = 1 is exactly DDPM."""
+    """`steps` indices T/steps apart from T-1 down: the first step starts at x_T ~ N(0, I),
+    the level sampling feeds in. steps = T visits every index, where eta = 1 is DDPM."""
     return [round(T - 1 - i * T / steps) for i in range(steps)]
-
 
 def t_batch(x, t):
     """The timestep index t for every image of the batch x, (B,)."""
     return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-
 
 @torch.no_grad()
 def ddpm_sample(eps_model, schedule, x_T, clip_x0=True, generator=None, on_step=None):
@@ -709,7 +397,6 @@ def ddpm_sample(eps_model, schedule, x_T, clip_x0=True, generator=None, on_step=
             on_step(i, x, x0)
     return x
 
-
 @torch.no_grad()
 def ddim_sample(eps_model, schedule, x_T, steps=DDIM_STEPS, eta=0.0, clip_x0=True, generator=None, on_step=None):
     """DDIM: `steps` jumps along a subsequence of the T timesteps; eta = 0 is deterministic."""
@@ -718,26 +405,58 @@ def ddim_sample(eps_model, schedule, x_T, steps=DDIM_STEPS, eta=0.0, clip_x0=Tru
     for i, t in enumerate(ts):
         t_b, t_prev = t_batch(x, t), t_batch(x, ts[i + 1] if i + 1 < len(ts) else -1)
         mean, sigma, x0 = ddim_step(schedule, x, t_b, t_prev, eps_model(x, t_b).float(), eta, clip_x0)
-        x = mean
-        if eta > 0:
-            x = x + sigma * torch.randn(x.shape, device=x.device, generator=generator)
+        x = mean + sigma * torch.randn(x.shape, device=x.device, generator=generator) if eta > 0 else mean
         if on_step:
             on_step(i, x, x0)
     return x
 
+# =============================================================================
+# PART II: THE EXTENSIONS
+#
+# Each section adds one thing to Part I, says why, and cites its paper once. Each is off
+# in the case study's recipe; Part III's RunConfig switches it on.
+# =============================================================================
 
 # -----------------------------------------------------------------------------
-# Extension, classifier-free guidance (Ho & Salimans 2022, https://arxiv.org/abs/2207.12598).
-# A conditional network, trained with some labels dropped (drop_labels), predicts the noise
-# both for a digit y and for no label. Sampling pushes further in the direction that y adds:
-# the samplers above take the result as any other eps_model(x, t).
+# II.1 Class conditioning: ask for a digit (the case study's first extension).
+# One learned vector per label is added to the time embedding, so every ResBlock sees the
+# digit as well as the noise level. An extra "null" label stands for "no label" (II.2).
 
+class ConditionalUNet(UNet):
+    """eps_theta(x_t, t, y): Part I's U-Net plus a label embedding; y None is the null label."""
+
+    def __init__(self, *args, num_classes=10, **kw):
+        super().__init__(*args, **kw)
+        self.num_classes = num_classes                                  # also the null label
+        self.label_emb = nn.Embedding(num_classes + 1, 4 * self.c0)
+
+    def forward(self, x, t, y=None):
+        y = torch.full_like(t, self.num_classes) if y is None else y
+        return self.unet(x, self.time_mlp(timestep_embedding(t, self.c0)) + self.label_emb(y))
+
+@dataclass
+class LabelledBatch(Batch):
+    y: torch.Tensor              # (B,) labels, some replaced by the null label
+
+def drop_labels(y, p_uncond, null_label, generator):
+    """Each label becomes the null label with probability p_uncond (II.2's training), so the
+    one network also learns the unconditional eps(x_t, t, null) that guidance steers from."""
+    drop = torch.rand(y.shape, device=y.device, generator=generator) < p_uncond
+    return torch.where(drop, torch.full_like(y, null_label), y)
+
+def conditional_loss(eps_model, schedule, b):
+    """Part I's loss, with the batch's labels handed to the network."""
+    return diffusion_loss(lambda x_t, t: eps_model(x_t, t, b.y), schedule, b)
+
+# -----------------------------------------------------------------------------
+# II.2 Classifier-free guidance (Ho & Salimans 2022, https://arxiv.org/abs/2207.12598).
+# Sampling pushes further in the direction that the label adds. The samplers take the
+# guided model like any other eps_model(x, t).
 
 def guided(eps_model, y, s, null_label):
     """eps~(x_t, t) = eps(x_t, t, null) + s * (eps(x_t, t, y) - eps(x_t, t, null)).
-    s = 0 ignores y, s = 1 is the plain conditional model, s > 1 trades diversity for
-    fidelity to y. The paper writes (1 + w) eps(y) - w eps(null): its w is s - 1. Both
-    terms come from one forward pass over the doubled batch."""
+    s = 0 ignores y, s = 1 is the plain conditional model, s > 1 trades variety for
+    fidelity to y (the paper's w is s - 1). Both terms come from one pass of the doubled batch."""
     y_and_null = torch.cat([y, torch.full_like(y, null_label)])            # (2B,)
 
     def eps_tilde(x, t):
@@ -746,35 +465,256 @@ def guided(eps_model, y, s, null_label):
         return eps_null + s * (eps_y - eps_null)
     return eps_tilde
 
-
-# s when --guidance is not given: the smallest scale whose samples were the digit asked for
-# at least 98% of the time, for the CPU conditional model (README, "Ask for a digit")
+# s when --guidance is not given: the smallest scale at which the committed conditional
+# model drew the digit asked for 98% of the time (samples/README.md)
 DEFAULT_GUIDANCE = 2.0
 
+# -----------------------------------------------------------------------------
+# II.3 The cosine schedule (Nichol & Dhariwal 2021, https://arxiv.org/abs/2102.09672, Eq. 17).
+# With linear betas sqrt(alpha_bar_t) is already 0.16 at t = 600: the last 40% of the steps
+# see almost pure noise. A cos^2 alpha_bar falls slowly at both ends instead. It is a betas
+# function that Part I's NoiseSchedule takes: NoiseSchedule(T, make_betas=cosine_betas).
 
-def digit_rows(n, ncol, num_classes):
-    """Labels for n samples laid out ncol to a row: row r asks for class r mod num_classes."""
-    return (torch.arange(n) // ncol) % num_classes
-
-
-# =============================================================================
-# PART II: THE TOOL
-#
-# Everything above is the DDPM. Everything below makes it a tool: files that survive
-# a kill, checkpoints and exact resume, sampling to files, evaluation, pictures, bench
-# and the command line. None of it changes what the model computes.
-# =============================================================================
+def cosine_betas(T, beta_1=None, beta_T=None):
+    """The betas whose alpha_bar follows cos^2; the linear schedule's end points do not apply."""
+    s = 0.008
+    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]                                          # alpha_bar(0) .. alpha_bar(T)
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)  # clipped: no beta of 1 at t = T
 
 # -----------------------------------------------------------------------------
-# Files that survive a kill at any instant, and progress bars fit for log files.
+# II.4 CIFAR-10: 32 px colour (the case study's fourth extension). The DDPM paper's CIFAR-10
+# network adds dropout to every block and self-attention after the blocks at 16 px, so
+# distant parts of an image can agree (its Sec. 4 and App. B). The data is loaded in Part III.
 
+class SelfAttention(nn.Module):
+    """Every pixel attends to every other, one head, as a residual block."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = nn.GroupNorm(GROUPS, c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.proj = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)   # 3 x (B, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)                                   # (B, HW, C)
+        return x + self.proj(h.transpose(1, 2).reshape(B, C, H, W))
+
+class CifarResBlock(ResBlock):
+    """Part I's ResBlock with dropout before its second conv, then attention if asked."""
+
+    def __init__(self, c_in, c_out, t_dim, dropout, attend):
+        super().__init__(c_in, c_out, t_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.attn = SelfAttention(c_out) if attend else nn.Identity()
+
+    def forward(self, x, t_emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.t_proj(t_emb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.attn(self.skip(x) + h)
+
+class CifarUNet(UNet):
+    """32 px colour in and out; CifarResBlocks, attending at the levels of attn_sizes."""
+
+    def __init__(self, channels, num_res_blocks=2, attn_sizes=(16,), dropout=0.1):
+        self.attn_sizes, self.p_dropout = attn_sizes, dropout    # set first: UNet's init calls res_block
+        super().__init__(channels, num_res_blocks, in_channels=3, size=32)
+
+    def res_block(self, c_in, c_out, t_dim, size):
+        return CifarResBlock(c_in, c_out, t_dim, self.p_dropout, size in self.attn_sizes)
+
+class ConditionalCifarUNet(ConditionalUNet, CifarUNet):
+    """II.1 and II.4 at once: a label embedding on the CIFAR-10 network."""
+
+def random_hflip(x, generator):
+    """Mirror each image left-right with probability 1/2, as the DDPM paper trained CIFAR-10."""
+    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5      # (B,)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+def load_cifar10(data_dir, train=True):
+    """CIFAR-10 as uint8 (N, 32, 32, 3) images and (N,) labels, via torchvision."""
+    from torchvision.datasets import CIFAR10
+    ds = CIFAR10(data_dir, train=train, download=True)
+    return torch.from_numpy(ds.data), torch.tensor(ds.targets)
+
+# -----------------------------------------------------------------------------
+# II.5 Levers for a short run. A constant learning rate leaves the weights bouncing at the
+# end of a two-epoch run; a warm-up and a decay to 0 let them settle. min-SNR weighting
+# (Hang et al. 2023, https://arxiv.org/abs/2303.09556) turns down the nearly clean
+# timesteps, whose gradients fight the noisy ones.
+
+def lr_at(step, cfg, total):
+    """The learning rate at a 0-based step: cfg.lr throughout (the case study), or with
+    cfg.lr_schedule "cosine" a linear warm-up over cfg.warmup_steps and a cosine decay to 0
+    at `total`. A function of the step alone, so a resumed run needs no scheduler state."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+def min_snr_weight(schedule, t, gamma):
+    """min(SNR_t, gamma) / SNR_t with SNR_t = alpha_bar_t / (1 - alpha_bar_t), for eps-prediction."""
+    snr = schedule.sqrt_recipm1_alphas_cumprod[t] ** -2   # from float64: 1 - alpha_bar_t in float32 loses digits
+    return snr.clamp(max=gamma) / snr
+
+def min_snr_loss(gamma, loss_fn=diffusion_loss):
+    """loss_fn with each image's error weighted by min_snr_weight: a weight on the per-image loss."""
+    def weighted(eps_model, schedule, b):
+        _, err = loss_fn(eps_model, schedule, b)
+        return (min_snr_weight(schedule, b.t, gamma) * err).mean(), err
+    return weighted
+
+# =============================================================================
+# PART III: THE TOOL
+#
+# Parts I and II are the model; this part makes it a tool: a run's config and files,
+# exact resume, precision and the fast paths, several processes, sampling to files,
+# evaluation, pictures, bench and the command line. None of it changes what is computed.
+# =============================================================================
+import argparse
+import contextlib
+import csv
+import io
+import json
+import os
+import pickle
+import signal
+import sys
+import time
+import warnings
+from dataclasses import asdict, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+class UserError(Exception):
+    """Bad input: main() prints the message as one line and exits with code 2."""
+
+def note(text):
+    print(text, file=sys.stderr)
+
+# -----------------------------------------------------------------------------
+# III.1 What a run records: the case study's Config, each extension's switch and the
+# tool's settings. Flags and configs read from files are held to the same RANGES.
+
+@dataclass
+class RunConfig(Config):
+    dataset: str = "mnist"       # II.4: "cifar10"
+    schedule: str = "linear"     # II.3: "cosine"
+    attn_sizes: tuple = ()       # II.4: sizes (px) of the levels with self-attention
+    dropout: float = 0.0         # II.4: dropout in the residual blocks
+    hflip: bool = False          # II.4: random horizontal flips
+    num_classes: int = 0         # II.1: 10 to ask for a digit
+    p_uncond: float = 0.1        # II.2: with num_classes, the share of labels dropped
+    lr_schedule: str = "constant"  # II.5: "cosine", a warm-up then a decay to 0
+    warmup_steps: int = 0        # II.5
+    min_snr_gamma: float = 0.0   # II.5: 0 is plain MSE, as the case study
+    precision: str = "auto"      # auto: by device (choose_precision); bf16, fp16 or fp32
+    grid_n: int = 64             # EMA samples drawn into a grid after every epoch (0: none)
+    preset: str = "paper"
+
+PRESETS = {
+    "paper": RunConfig(),
+    # Measured on a 2-core AVX512-BF16 CPU (samples/README.md): a quarter of the FLOPs, a
+    # shorter EMA and every II.5 lever; 79% confident digits with DDIM-50 in 12 minutes.
+    "cpu": RunConfig(channels=(32, 64, 128, 128), batch_size=32, epochs=2, lr=1e-3, ema_decay=0.999,
+                     schedule="cosine", lr_schedule="cosine", warmup_steps=100, min_snr_gamma=5.0, preset="cpu"),
+    # The DDPM paper's CIFAR-10 model as far as this U-Net goes (its Sec. 4 and App. B); it
+    # trained 800k steps, 100 epochs here are 39,000.
+    "cifar10": RunConfig(dataset="cifar10", channels=(128, 256, 256, 256), attn_sizes=(16,), dropout=0.1,
+                         hflip=True, epochs=100, preset="cifar10"),
+}
+IMAGE_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}   # (C, H, W) of each data set's images
+TRAIN_IMAGES = {"mnist": 60_000, "cifar10": 50_000}
+NUM_CLASSES = 10                 # digits 0-9, or CIFAR-10's ten classes: what --cond conditions on
+CHOICES = dict(dataset=tuple(IMAGE_SHAPES), schedule=("linear", "cosine"), lr_schedule=("constant", "cosine"),
+               precision=("auto", "bf16", "fp16", "fp32"),
+               preset=tuple(PRESETS))
+# (kind, lowest, highest) of every number a flag or a config may hold; "float>" excludes the lowest
+RANGES = dict(T=("int", 2, 10_000), beta_1=("float>", 0, 1), beta_T=("float>", 0, 1), num_res_blocks=("int", 1, 8),
+              lr=("float>", 0, 3.4e38), weight_decay=("float", 0, 10), batch_size=("int", 1, 1_000_000),
+              epochs=("int", 1, 100_000), ema_decay=("float", 0, 0.999999), seed=("int", 0, 2 ** 63 - 1),
+              dropout=("float", 0, 0.99), p_uncond=("float", 0, 1), warmup_steps=("int", 0, 10 ** 9),
+              min_snr_gamma=("float", 0, 1e6), grid_n=("int", 0, 1024), channel=("int", 8, 1024),
+              steps=("int", 1, 1000), eta=("float", 0, 1), guidance=("float", 0, 1000), n=("int", 1, 10 ** 6),
+              max_minutes=("float>", 0, 10 ** 7), max_steps=("int", 1, 10 ** 12), ckpt_every=("int", 0, 10 ** 12),
+              reps=("int", 1, 1000), rows=("int", 1, 16))
+
+def range_text(name):
+    kind, lo, hi = RANGES[name]
+    return ("an integer" if kind == "int" else "a number") + \
+        (f" above {lo} and at most {hi}" if kind == "float>" else f" from {lo} to {hi}")
+
+def check_number(name, v, what):
+    """v held to RANGES[name]; `what` names the flag or the file in the one-line refusal."""
+    kind, lo, hi = RANGES[name]
+    is_int = isinstance(v, int) and not isinstance(v, bool)
+    if not (is_int if kind == "int" else (is_int or isinstance(v, float)) and math.isfinite(v)) or \
+            v > hi or v < lo or (kind == "float>" and v == lo):
+        raise UserError(f"{what} {v!r}: need {range_text(name)}")
+    return v
+
+def check_channels(channels, what="--channels"):
+    if not isinstance(channels, (tuple, list)) or len(channels) != 4 or \
+            any(isinstance(c, bool) or not isinstance(c, int) or c % GROUPS for c in channels):
+        raise UserError(f"{what} {channels!r}: need 4 widths (one per level: 28, 14, 7, 3 px for MNIST), "
+                        f"each a multiple of {GROUPS} (the GroupNorm groups)")
+    return tuple(check_number("channel", c, f"{what} {','.join(map(str, channels))}: width") for c in channels)
+
+def config_from_dict(d, where):
+    """A RunConfig from a checkpoint's or config.json's dict, every value held to what the
+    flags allow before a network is sized from it. Unknown keys are ignored and missing ones
+    take the case study's values, so older files still load."""
+    if not isinstance(d, dict):
+        raise UserError(f"{where}: its config is {type(d).__name__}, not a dict of settings")
+    cfg = RunConfig(**{k: v for k, v in d.items() if k in {f.name for f in fields(RunConfig)}})
+    for name in RANGES.keys() & d.keys():
+        check_number(name, d[name], f"{where}: config {name}")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"{where}: config {name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    if cfg.num_classes not in (0, NUM_CLASSES) or not isinstance(cfg.hflip, bool) or \
+            not isinstance(cfg.attn_sizes, (tuple, list)) or not all(isinstance(a, int) for a in cfg.attn_sizes):
+        raise UserError(f"{where}: config num_classes, hflip or attn_sizes is malformed")
+    return replace(cfg, channels=check_channels(cfg.channels, f"{where}: config channels"),
+                   attn_sizes=tuple(cfg.attn_sizes))
+
+def image_shape(cfg):
+    return IMAGE_SHAPES[cfg.dataset]
+
+def make_unet(cfg):
+    """The network a config describes: Part I's, or a Part II extension's."""
+    label = dict(num_classes=cfg.num_classes) if cfg.num_classes else {}
+    if cfg.dataset == "cifar10":
+        cls = ConditionalCifarUNet if cfg.num_classes else CifarUNet
+        return cls(cfg.channels, cfg.num_res_blocks, cfg.attn_sizes, cfg.dropout, **label)
+    return (ConditionalUNet if cfg.num_classes else UNet)(cfg.channels, cfg.num_res_blocks, **label)
+
+def make_schedule(cfg):
+    return NoiseSchedule(cfg.T, cfg.beta_1, cfg.beta_T, cosine_betas if cfg.schedule == "cosine" else linear_betas)
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+def departures(cfg):
+    """Each way a config's recipe departs from the case study's, 'name value (case study: value)'."""
+    paper = PRESETS["paper"]
+    return [f"{f.name} {getattr(cfg, f.name)} (case study: {getattr(paper, f.name)})" for f in fields(RunConfig)
+            if f.name not in ("preset", "precision", "seed", "grid_n") and getattr(cfg, f.name) != getattr(paper, f.name)]
+
+# -----------------------------------------------------------------------------
+# III.2 Files that survive a kill at any instant and never replace what is not theirs.
 
 def atomic_write(path, write):
-    """write(f) into a temporary file beside `path`, fsync it, then rename it over `path`.
-
-    A rename within one folder is atomic, so a kill at any instant leaves either the old
-    file or the new one, never a truncated one; the old one stays until the new is whole.
-    """
+    """write(f) into a temporary file beside `path`, fsync it, then rename it over `path`:
+    a kill at any instant leaves the old file or the new one, never half of one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -786,86 +726,93 @@ def atomic_write(path, write):
     finally:
         if tmp.exists():
             tmp.unlink()
-    fsync_folder(path.parent)
-
-
-def fsync_folder(folder):
-    """Make a rename durable by syncing its folder. Windows cannot open a folder as a file
-    (PermissionError); there NTFS's own journal is all there is, so skip it."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:        # some file systems refuse fsync on folders; the data is synced
-        pass
-    finally:
-        os.close(fd)
-
-
-def precision_name(dtype):
-    return {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast", None: "fp32"}[dtype]
-
+    with contextlib.suppress(OSError):   # make the rename durable; Windows cannot open a folder
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)                 # some file systems refuse this on folders: the data is synced
+        finally:
+            os.close(fd)
 
 def save_png(image, path):
     atomic_write(path, lambda f: image.save(f, format="PNG"))
 
-
 def save_text(text, path):
     atomic_write(path, lambda f: f.write(text.encode()))
 
+def check_in(flag, path):
+    """An input must name a file that exists."""
+    p = Path(path)
+    if p.name in ("", ".", "..") or p.is_dir():
+        raise UserError(f"{flag} {path}: names a folder, not a file")
+    if not p.is_file():
+        raise UserError(f"{flag} {path}: no such file")
+    return p
+
+def check_out(flag, path, suffix, inputs=(), folder=False):
+    """The one rule for every file written: it has the suffix of what is written, it is none of
+    the command's inputs, it never replaces a run's training checkpoint, and its folder exists
+    and takes a file. Checked before any work, so a refusal loses nothing."""
+    p = Path(path)
+    if p.name in ("", ".", ".."):
+        raise UserError(f"{flag} {path}: names no file; give a file name")
+    if not folder and p.suffix.lower() != suffix:
+        raise UserError(f"{flag} {path}: must end in {suffix}, the kind of file this writes")
+    if any(Path(i).resolve() == p.resolve() for i in inputs if i is not None):
+        raise UserError(f"{flag} {path}: is an input of this command; writing it would replace it")
+    if folder and p.exists() and (not p.is_dir() or any(p.iterdir())):
+        raise UserError(f"{flag} {path}: exists and is not an empty folder; pick a new folder")
+    if not folder and p.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file name")
+    if p.is_file() and p.suffix == ".pt" and "opt" in (peek(p) or {}):
+        raise UserError(f"{flag} {path}: holds a run's training state, which only that run may replace")
+    if not p.parent.is_dir():
+        raise UserError(f"{flag} {path}: the folder {p.parent} does not exist")
+    probe = p.parent / f".ddpm_write_test.{os.getpid()}"   # os.access can say yes where a write fails
+    try:
+        probe.open("wb").close()
+        probe.unlink()
+    except OSError:
+        raise UserError(f"{flag} {path}: the folder {p.parent} is not writable") from None
+
+def peek(path):
+    """A torch file's top-level dict, its tensors mapped lazily from disk, or None."""
+    with contextlib.suppress(Exception):
+        d = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return d if isinstance(d, dict) else None
 
 def progress_bar(**kw):
-    """tqdm, redrawn twice a second on a terminal but once a minute when stderr is a log
-    file or CI: there every redraw is a new line, and a DDPM-1000 run wrote hundreds."""
+    """tqdm, redrawn twice a second on a terminal but once a minute into a log file or CI,
+    where every redraw is a new line."""
     interval = 0.5 if sys.stderr.isatty() else 60.0
     return tqdm(mininterval=interval, maxinterval=max(10.0, interval), dynamic_ncols=True, **kw)
 
-
 GRID_PAD = 2                     # white lines between the cells of a grid, in pixels
 GRID_COLUMNS = 8                 # samples per row of the per-epoch grids
-
 
 def to_image(a):
     """uint8 (H, W) or (H, W, 3) tensor -> PIL grey or RGB image."""
     return Image.fromarray(a.cpu().numpy())
 
-
-def grid_image(images_uint8, nrow=GRID_COLUMNS, pad=GRID_PAD):
-    """uint8 (N, H, W) or (N, H, W, 3) -> one grid, nrow images a row, white lines
-    between them (torchvision's make_grid layout)."""
-    n, h, w = images_uint8.shape[:3]
-    rows, cols = math.ceil(n / nrow), min(nrow, n)
-    canvas = torch.full((pad + rows * (h + pad), pad + cols * (w + pad), *images_uint8.shape[3:]), 255,
-                        dtype=torch.uint8)
-    for i, im in enumerate(images_uint8.cpu()):
-        r, c = divmod(i, nrow)
-        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
-    return to_image(canvas)
-
+def grid_image(images_uint8, nrow=GRID_COLUMNS):
+    """uint8 (N, H, W[, 3]) -> one picture, nrow a row, 2 px white lines around each:
+    torchvision's make_grid, which makes grey RGB and leaves a lone image unframed."""
+    from torchvision.utils import make_grid
+    x = images_uint8.cpu()
+    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)            # (N, C, H, W)
+    g = make_grid(x, nrow, padding=GRID_PAD, pad_value=255) if len(x) > 1 else F.pad(x[0], (GRID_PAD,) * 4, value=255)
+    return to_image(g[0] if x.shape[1] == 1 else g.permute(1, 2, 0))
 
 # -----------------------------------------------------------------------------
-# Checkpoints: written atomically, read without ever running code.
+# III.3 Checkpoints: written atomically, read without running code, checked before use.
 
 DEFAULT_CKPT = Path("runs/ddpm/ckpt.pt")
-# The committed weights, found beside this file wherever the command is run from.
-SHIPPED_CKPT = Path(__file__).resolve().parent / "samples" / "ema_fp16.pt"
-
-
-def save_checkpoint(path, cfg, p, step, state):
-    ckpt = dict(config=asdict(cfg), model=p.model.state_dict(), ema=p.ema.state_dict(),
-                opt=p.opt.state_dict(), scaler=p.scaler.state_dict(), step=step, **state,
-                versions=dict(torch=str(torch.__version__)))
-    atomic_write(path, lambda f: torch.save(ckpt, f))
-
+SHIPPED_CKPT = Path(__file__).resolve().parent / "samples" / "ema_fp16.pt"   # the committed weights
+TRAINING_STATE = ("model", "ema", "opt", "step", "rng", "epoch_loss_sum", "history", "seconds")
 
 def load_checkpoint(path, flag="--ckpt"):
-    """torch.load with weights_only=True: tensors and plain data only, so a checkpoint
-    can never run code. Every failure is one line for the user, never a traceback."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{flag} {path}: no such file (train first, or use --ckpt samples/ema_fp16.pt)")
+    """torch.load with weights_only=True, tensors and plain data only, so a checkpoint can
+    never run code. Every failure is one line for the user."""
+    path = check_in(flag, path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -879,322 +826,202 @@ def load_checkpoint(path, flag="--ckpt"):
         raise UserError(f"{flag} {path}: not a ddpm_mnist checkpoint (it needs 'config' and 'ema' entries)")
     return ckpt
 
-
-def checkpoint_to_sample(ckpt_flag):
-    """The checkpoint a sampling command reads: --ckpt if given; else runs/ddpm/ckpt.pt; else,
-    on a fresh clone with nothing trained yet, the committed weights, said in one line."""
-    if ckpt_flag is not None:
-        return Path(ckpt_flag)
-    if DEFAULT_CKPT.exists() or not SHIPPED_CKPT.exists():
-        return DEFAULT_CKPT
-    cfg = config_from_dict(load_checkpoint(SHIPPED_CKPT)["config"])
-    print(f"note: no {DEFAULT_CKPT} yet, so using the committed weights samples/ema_fp16.pt "
-          f"(preset {cfg.preset}, {cfg.dataset.upper()}; samples/README.md says how it was trained); "
-          f"`python ddpm_mnist.py train` makes your own", file=sys.stderr)
-    return SHIPPED_CKPT
-
+def check_weights(model, state, what):
+    """Every tensor the model needs, in its shape, before any is loaded."""
+    want = model.state_dict()
+    bad = [k for k, v in want.items() if not isinstance(state.get(k), torch.Tensor) or state[k].shape != v.shape
+           or not state[k].is_floating_point()] + [k for k in state if k not in want]
+    if bad:
+        raise UserError(f"{what}: its weights do not fit the network its config describes ({len(bad)} missing, "
+                        f"misshapen or unexpected, such as {bad[0]})")
 
 def model_from_checkpoint(ckpt, weights="ema", flag="--ckpt"):
-    """Rebuild the network that the checkpoint's config describes and load its weights
-    (float32, also from the fp16 file in samples/)."""
-    cfg = config_from_dict(ckpt["config"])
-    check_channels(cfg.channels, flag)
+    """The network the checkpoint's config describes, with its weights in float32 (also from
+    the fp16 exports in samples/), in eval mode."""
+    cfg = config_from_dict(ckpt["config"], flag)
     state = ckpt.get(weights)
     if not isinstance(state, dict):
         raise UserError(f"{flag}: this checkpoint has no '{weights}' weights (it has: "
                         f"{', '.join(k for k in ('ema', 'model') if k in ckpt)})")
     model = make_unet(cfg)
-    try:
-        model.load_state_dict({k: v.float() for k, v in state.items()})
-    except (RuntimeError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{flag}: its weights do not fit the network its config describes "
-                        f"(channels {cfg.channels}): {first}") from None
+    check_weights(model, state, flag)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval().requires_grad_(False), cfg
 
+def checkpoint_to_sample(ckpt_flag):
+    """--ckpt if given; else runs/ddpm/ckpt.pt; else, on a fresh clone, the committed weights."""
+    if ckpt_flag is not None:
+        return Path(ckpt_flag)
+    return DEFAULT_CKPT if DEFAULT_CKPT.exists() or not SHIPPED_CKPT.exists() else SHIPPED_CKPT
 
-def check_channels(channels, flag="--channels"):
-    if len(channels) != 4 or any(c < GROUPS or c % GROUPS for c in channels):
-        raise UserError(f"{flag} {','.join(map(str, channels))}: need 4 widths (one per level: 28, 14, 7, 3 px "
-                        f"for MNIST), each a positive multiple of {GROUPS} (the GroupNorm groups)")
+def training_record(ckpt, cfg):
+    """How long a model trained: kept in exports (steps, epochs, seconds, device)."""
+    if isinstance(ckpt.get("trained"), dict) or not isinstance(ckpt.get("step"), int):
+        return ckpt.get("trained")
+    return dict(step=ckpt["step"], epochs=ckpt["step"] / ckpt.get("steps_per_epoch", TRAIN_IMAGES[cfg.dataset] //
+                                                                     cfg.batch_size),
+                seconds=ckpt.get("seconds"), device=ckpt.get("device", "?"))
 
+def trained_note(record):
+    if not isinstance(record, dict):
+        return "its training length is not recorded in the file"
+    secs = f" in {record['seconds'] / 60:.1f} min" if isinstance(record.get("seconds"), (int, float)) else ""
+    return f"trained {record.get('step', 0):,} steps ({record.get('epochs', 0):.1f} epochs){secs} on " \
+           f"{record.get('device', '?')}"
 
-TRAINING_STATE = ("model", "ema", "opt", "step", "rng", "epoch_loss_sum", "history", "seconds")
+def portable_optimizer_state(opt):
+    """The optimizer's state with a plain lr and capturable off: a run captured as a CUDA graph
+    resumes in any mode, on any device."""
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        g["lr"], g["capturable"] = float(g["lr"]), False
+    return sd
 
-
-def check_resumable(ckpt, path):
-    """--resume needs the whole training state; an `export` file holds the EMA alone."""
-    missing = [k for k in TRAINING_STATE if k not in ckpt]
-    if missing:
-        raise UserError(f"--resume: {path} has no training state ({', '.join(missing)} missing); it looks like "
-                        "an `export` file, which can be sampled from but not trained further")
-
-
-def restore(ckpt, p, gen):
-    """Put a run back exactly where its checkpoint left it: weights, optimizer moments,
-    the generator that draws t and eps, and the running loss of the current epoch."""
-    p.model.load_state_dict(ckpt["model"])
-    p.ema.load_state_dict(ckpt["ema"])
-    p.opt.load_state_dict(ckpt["opt"])
-    if ckpt.get("scaler"):                   # fp16 runs only; empty for bf16 and fp32
-        p.scaler.load_state_dict(ckpt["scaler"])
-    gen.set_state(ckpt["rng"])
-    state = {k: ckpt[k] for k in ("epoch_loss_sum", "history", "seconds")}
-    state.update({k: ckpt.get(k, [0.0] * NOISE_BINS) for k in ("bin_loss_sums", "bin_counts")})  # older runs: none
-    return ckpt["step"], state
-
+def set_lr(opt, lr):
+    for g in opt.param_groups:
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].fill_(lr)                # a device tensor, which a captured step reads
+        else:
+            g["lr"] = lr
 
 # -----------------------------------------------------------------------------
-# The run: what train() hands its bookkeeping to. It owns the run folder, the clock,
-# the progress bar and Ctrl-C; the algorithm stays in train().
+# III.4 Precision and the fast paths: autocast by device, fused AdamW, fp16's gradient
+# scaler, torch.compile. Weights, AdamW's moments and the EMA stay float32 in every mode.
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+PRECISION_NAMES = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast", None: "fp32"}
+COMPILE_BACKEND = "inductor"     # tests use "aot_eager": the same graphs, no code generated
 
-class NonFiniteLoss(Exception):
-    pass
+def choose_precision(device, precision="auto"):
+    """(autocast dtype or None for fp32, why)."""
+    if precision != "auto":
+        return AMP_DTYPES[precision], f"--precision {precision}"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        cc = f"compute capability {major}.{minor}"
+        if major >= 8:
+            return torch.bfloat16, f"{cc} runs bf16 natively"
+        if major == 7:   # V100, T4: bf16 is emulated there (slow); fp16 tensor cores are not
+            return torch.float16, f"{cc} has fp16 tensor cores but only emulated bf16"
+        return None, f"{cc} has no tensor cores"
+    if device.type == "cpu":
+        return (torch.bfloat16, "this CPU runs bf16 natively (AVX512-BF16 or AMX)") if cpu_has_bf16() else \
+            (None, "this CPU has no native bf16")
+    return None, f"fp32 on {device.type} (autocast there not measured)"
 
+def cpu_has_bf16():
+    # a private oneDNN query: a CPU build without it (or one where it fails) runs fp32
+    query = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(query()) if query is not None else False
+    except Exception:
+        return False
 
-def check_finite(recent, first_step):
-    """recent: the per-step losses since the last check. Raise at the first bad step.
-    Checking in windows keeps the GPU from waiting on the CPU at every step."""
-    if not recent:
-        return
-    losses = torch.stack(recent).cpu()
-    bad = (~torch.isfinite(losses)).nonzero()
-    if len(bad):
-        raise NonFiniteLoss(first_step + int(bad[0]) + 1)          # steps count from 1
+class Autocast(nn.Module):
+    """model(*args) with its matmuls and convolutions in `dtype` (None: fp32) and a float32
+    result; a module, so training still reaches the model's parameters. A CUDA graph needs
+    cache=False: autocast's cache of cast weights must not outlive a capture."""
 
+    def __init__(self, model, device, dtype, cache=True):
+        super().__init__()
+        self.model, self.device_type, self.dtype, self.cache = model, device.type, dtype, cache
 
-# The loss by noise level, as improved-diffusion logs it: the mean loss of the steps whose
-# t fell in each quarter of 1..T. Where the error sits, and which quarter training still
-# improves, is what a schedule changes.
-NOISE_BINS = 4
+    def forward(self, *args):
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None,
+                            cache_enabled=self.cache):
+            return self.model(*args).float()
 
+def make_optimizer(model, cfg, device, capturable=False):
+    """AdamW, fused on CUDA and the CPU (one kernel for every tensor: on the 2-core CPU the
+    preset's optimizer step fell from 9.3 to 3.0 ms). A captured step reads the lr from a
+    device tensor and keeps its step counts there (capturable)."""
+    return torch.optim.AdamW(model.parameters(), lr=torch.tensor(cfg.lr, device=device) if capturable else cfg.lr,
+                             weight_decay=cfg.weight_decay, fused=device.type in ("cuda", "cpu"), capturable=capturable)
 
-def bin_names(T):
-    return [f"loss_t{b * T // NOISE_BINS + 1}-{(b + 1) * T // NOISE_BINS}" for b in range(NOISE_BINS)]
+class ScaledOptimizer:
+    """fp16's optimizer: step() is torch's GradScaler step (unscale, skip a step whose
+    gradients overflowed, adapt the scale); the rest is the optimizer's own."""
 
+    def __init__(self, opt, scaler):
+        self.opt, self.scaler = opt, scaler
 
-def write_loss_csv(history, path, T):
-    out = io.StringIO()
-    w = csv.writer(out, lineterminator="\n")
-    w.writerow(["epoch", "step", "mean_loss", "seconds", *bin_names(T)])
-    for row in history:
-        by_t = [f"{v:.6f}" for v in row.get("loss_by_t", [])]  # absent in runs from older versions
-        w.writerow([row["epoch"], row["step"], f"{row['mean_loss']:.6f}", f"{row['seconds']:.1f}", *by_t])
-    save_text(out.getvalue(), path)
+    def step(self):
+        self.scaler.step(self.opt)
+        self.scaler.update()
 
+    def __getattr__(self, name):
+        return getattr(self.opt, name)
 
-def epoch_grid(p, cfg, path):
-    """EMA samples from the same starting noise every epoch, so the grids show progress."""
-    device = p.schedule.betas.device
-    x_T = torch.randn(cfg.grid_n, *image_shape(cfg), generator=torch.Generator().manual_seed(cfg.seed + 1))
-    eps_model = with_autocast(p.ema, device, choose_precision(device, cfg.precision)[0])
-    if cfg.num_classes:                      # a conditional run: one digit per row of the grid
-        y = digit_rows(cfg.grid_n, GRID_COLUMNS, cfg.num_classes).to(device)
-        eps_model = guided(eps_model, y, DEFAULT_GUIDANCE, cfg.num_classes)
-    x0 = ddim_sample(eps_model, p.schedule, x_T.to(device), steps=DDIM_STEPS)
-    save_png(grid_image(to_uint8(x0), GRID_COLUMNS), path)
+def scale_loss(loss_fn, scaler):
+    """loss_fn whose loss backpropagates scaled, so small fp16 gradients do not flush to 0;
+    its value, which the log keeps, stays unscaled."""
+    def scaled(eps_model, schedule, b):
+        loss, err = loss_fn(eps_model, schedule, b)
+        loss.register_hook(scaler.scale)
+        return loss, err
+    return scaled
 
+def set_fast_math(device):
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+        # Shapes never change, so let cuDNN time its kernels once and keep the fastest. The
+        # price: the chosen kernel may be non-deterministic, so on CUDA a resumed run matches
+        # an uninterrupted one up to float rounding, not bitwise (bitwise on the CPU).
+        torch.backends.cudnn.benchmark = True
 
-LOSS_CHECK_EVERY = 50            # steps between NaN checks and progress-bar updates
+def resolve_device(name):
+    """'auto' picks cuda, then mps, then cpu; everything else follows this device."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if name == "mps" and not mps:
+        raise UserError("--device mps: MPS is not available on this machine; use --device cpu or auto")
+    return torch.device(name)
 
+@contextlib.contextmanager
+def blame(flag, device):
+    """A failed allocation in the block becomes one line naming the flag that sized it."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) and \
+                not any(s in str(e) for s in ("out of memory", "can't allocate memory", "not enough memory")):
+            raise
+        raise UserError(f"{flag}: needs more memory than {device} can allocate; try a smaller value") from None
 
-@dataclass
-class Run:
-    """One training run's files and clock. train() calls begin, record, should_stop,
-    after_step and finish; nothing here changes what is trained.
-
-    Under torchrun (rank, world from the environment) every process runs the same loop on
-    its share of each batch; process 0 alone writes files and prints. The running sums are
-    kept so that adding them over the processes gives the totals of the whole batch."""
-    run_dir: Path
-    device: torch.device
-    data_dir: str = "data"
-    ckpt: dict = None            # the checkpoint to resume from, loaded once by train_config
-    max_steps: int = None
-    max_minutes: float = None
-    ckpt_every: int = 0
-    compile: bool = False
-    rank: int = 0
-    world: int = 1
-
-    def begin(self, cfg, p, gen, steps_per_epoch):
-        """Restore a checkpoint when resuming, make the folder, start the clock, the bar and
-        the Ctrl-C flag; under torchrun, wrap the model and take this process's share.
-        Returns the step to start from."""
-        self.cfg, self.steps_per_epoch, self.lead = cfg, steps_per_epoch, self.rank == 0
-        self.run_dir, self.ckpt_path = Path(self.run_dir), Path(self.run_dir) / "ckpt.pt"
-        self.total_steps = min(self.max_steps or math.inf, cfg.epochs * steps_per_epoch)
-        fresh = dict(epoch_loss_sum=0.0, history=[], seconds=0.0, bin_loss_sums=[0.0] * NOISE_BINS,
-                     bin_counts=[0.0] * NOISE_BINS)
-        step, self.state = restore(self.ckpt, p, gen) if self.ckpt else (0, fresh)
-        if step >= self.total_steps:
-            raise UserError(f"--resume: {self.ckpt_path} is at step {step} already; give more --epochs "
-                            f"(or a larger --max-steps) than the {self.total_steps} steps asked for")
-        if self.world > 1:
-            share_the_batch(p, cfg, self)
-        if self.lead:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_text(json.dumps(asdict(cfg), indent=2) + "\n", self.run_dir / "config.json")
-        dtype, why = choose_precision(self.device, cfg.precision)
-        self.say(f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}"
-                 + (f", class-conditional (p_uncond {cfg.p_uncond})" if cfg.num_classes else "")
-                 + f"; device {self.device}"
-                 + (f" x {self.world} processes" if self.world > 1 else "")
-                 + f"; {precision_name(dtype)} ({why}); {steps_per_epoch} steps/epoch, {cfg.epochs} epochs"
-                 + (f"; resuming at step {step}" if step else ""))
-        if self.device.type == "cpu" and cfg.preset == "paper":
-            self.say("note: the case-study recipe takes many hours on a CPU; `--preset cpu` makes digits in "
-                     "about 12 minutes on 2 cores (README, CPU preset)", file=sys.stderr)
-        self.last_good = step if self.ckpt else None
-        self.t_start, self.seconds0, self.step_at_begin = time.time(), self.state["seconds"], step
-        self.recent, self.recent_from = [], step     # losses not yet checked: a check syncs with the GPU
-        # the saved sums are totals; they go to process 0, so that the sum over processes is right
-        keep = 1.0 if self.lead else 0.0
-        self.loss_sum = torch.tensor(keep * self.state["epoch_loss_sum"], device=self.device)
-        self.bin_loss_sums = torch.tensor(self.state["bin_loss_sums"], device=self.device) * keep
-        self.bin_counts = torch.tensor(self.state["bin_counts"], device=self.device) * keep
-        self.bar = progress_bar(total=self.total_steps, initial=step, unit="step", disable=not self.lead)
-        # Ctrl-C sets a flag instead of killing mid-step, so the loop can save and leave;
-        # a second Ctrl-C kills as usual.
-        self.interrupted = False
-        self.old_sigint = signal.signal(signal.SIGINT, self.on_sigint)
-        return step
-
-    def say(self, text, file=None):
-        if self.lead:
-            print(text, file=file)
-
-    def on_sigint(self, signum, frame):
-        self.interrupted = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def record(self, loss, t, per_image):
-        self.loss_sum += loss / self.world      # each process's loss is the mean of its share
-        self.recent.append(loss)
-        bins = t * NOISE_BINS // self.cfg.T                     # (B,) in 0..3; index_add_, unlike
-        self.bin_loss_sums.index_add_(0, bins, per_image)       # bincount, never waits for the GPU
-        self.bin_counts.index_add_(0, bins, torch.ones_like(per_image))
-
-    def should_stop(self, step):
-        """Ctrl-C, or --max-minutes used up: either way the step just taken is saved. Several
-        processes agree every LOSS_CHECK_EVERY steps, so that none waits alone in a collective."""
-        out_of_time = self.max_minutes is not None and time.time() - self.t_start > 60 * self.max_minutes
-        if self.world == 1:
-            return self.interrupted or out_of_time
-        if step % LOSS_CHECK_EVERY:
-            return False
-        votes = all_sum(torch.tensor([float(self.interrupted), float(out_of_time)], device=self.device), self)
-        self.interrupted = bool(votes[0])
-        return bool(votes.sum())
-
-    def after_step(self, step, last_step, p, gen):
-        """`step` steps are done: check the losses, write the epoch's files, checkpoint."""
-        end_of_epoch = step % self.steps_per_epoch == 0
-        save_now = end_of_epoch or last_step or (self.ckpt_every and step % self.ckpt_every == 0)
-        if len(self.recent) == LOSS_CHECK_EVERY or save_now:
-            self.check_losses(step)
-        self.state["seconds"] = self.seconds0 + time.time() - self.t_start
-        if save_now:
-            self.gather_sums()
-        if end_of_epoch:
-            self.end_epoch(step // self.steps_per_epoch, step, p)
-        if save_now and self.lead:  # written last, so a kill before it replays this epoch end exactly
-            self.state.update(epoch_loss_sum=self.loss_sum.item(), bin_loss_sums=self.bin_loss_sums.tolist(),
-                              bin_counts=self.bin_counts.tolist())
-            save_checkpoint(self.ckpt_path, self.cfg, p, step, dict(self.state, rng=gen.get_state()))
-        self.last_good = step if save_now else self.last_good
-
-    def gather_sums(self):
-        """Several processes: put the totals on process 0 and zeros elsewhere."""
-        if self.world > 1:
-            for total in (self.loss_sum, self.bin_loss_sums, self.bin_counts):
-                all_sum(total, self)
-                total.mul_(1.0 if self.lead else 0.0)
-
-    def check_losses(self, step):
-        recent = all_sum(torch.stack(self.recent), self) / self.world    # (k,): the batch's losses
-        try:
-            check_finite(list(recent), self.recent_from)
-        except NonFiniteLoss as e:
-            self.bar.close()
-            signal.signal(signal.SIGINT, self.old_sigint)
-            kept = f"the last good checkpoint is {self.ckpt_path} (step {self.last_good})" \
-                if self.last_good is not None else "no checkpoint was written"
-            self.say(f"error: the loss became NaN or infinite at step {e.args[0]}; {kept}. "
-                     f"Try a smaller --lr, or --precision fp32.", file=sys.stderr)
-            leave(1, self)
-        # images/s since training began, grids and checkpoints included; tqdm's own rate is
-        # unset until its first redraw, which in a log file comes a minute in
-        img_s = (step - self.step_at_begin) * self.cfg.batch_size / max(time.time() - self.t_start, 1e-9)
-        self.bar.set_postfix(loss=f"{recent.mean().item():.4f}", img_s=f"{img_s:.0f}")
-        self.bar.update(len(self.recent))
-        self.recent, self.recent_from = [], step
-
-    def end_epoch(self, epoch, step, p):
-        """The per-epoch outputs: a loss.csv row and a grid of EMA samples."""
-        by_t = (self.bin_loss_sums / self.bin_counts.clamp(min=1)).tolist()
-        self.state["history"].append(dict(epoch=epoch, step=step, seconds=self.state["seconds"],
-                                          mean_loss=self.loss_sum.item() / self.steps_per_epoch, loss_by_t=by_t))
-        for total in (self.loss_sum, self.bin_loss_sums, self.bin_counts):
-            total.zero_()
-        if self.lead:
-            write_loss_csv(self.state["history"], self.run_dir / "loss.csv", self.cfg.T)
-            if self.cfg.grid_n:
-                epoch_grid(p, self.cfg, self.run_dir / f"grid_epoch{epoch:03d}.png")
-
-    def finish(self, step):
-        self.bar.close()
-        signal.signal(signal.SIGINT, self.old_sigint)
-        if self.interrupted:
-            self.say(f"interrupted: saved {self.ckpt_path} at step {step}; continue with\n"
-                     f"  python ddpm_mnist.py train --run-dir {self.run_dir} --resume", file=sys.stderr)
-            leave(130, self)
-        self.say(f"saved {self.ckpt_path} at step {step} ({self.state['seconds']:.0f} s of training)"
-                 + ("; continue with --resume" if step < self.total_steps else ""))
-        leave(None, self)
-
-
-# --- several processes: torchrun -------------------------------------------------------
-
-
-def all_sum(x, run):
-    """Sum x over the processes, in place (a no-op with one process)."""
-    if run.world > 1:
-        torch.distributed.all_reduce(x)
-    return x
-
-
-def leave(code, run):
-    """End this process's part: close the process group (if any), then exit with code."""
-    if run.world > 1 and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    if code is not None:
-        sys.exit(code)
-
-
-def share_the_batch(p, cfg, run):
-    """Wrap the model in DistributedDataParallel (it averages the gradients over the
-    processes) and keep this process's slice of every batch (diffusion_loss's `part`)."""
-    from torch.nn.parallel import DistributedDataParallel
-    ids = [run.device.index] if run.device.type == "cuda" else None
-    ddp = DistributedDataParallel(p.model, device_ids=ids)
-    p.eps_model = eps_model_for_training(ddp, run.device, cfg, run.compile)
-    share = cfg.batch_size // run.world
-    p.part = slice(run.rank * share, (run.rank + 1) * share)
-
+# -----------------------------------------------------------------------------
+# III.5 Several processes, through torchrun: every process draws the whole batch from the
+# same generator and keeps its share, and DistributedDataParallel averages the gradients,
+# so N processes take the same steps as one and a checkpoint resumes under any N.
 
 def torchrun_env():
-    """(rank, local rank, world size, processes on this machine) as torchrun sets them;
-    (0, 0, 1, 1) without it."""
+    """(rank, local rank, world size, processes on this machine), each of torchrun's variables
+    checked: set by hand, a wrong one leaves a process waiting for others that never come."""
     env = os.environ
-    world = int(env.get("WORLD_SIZE", 1))
-    return int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), world, int(env.get("LOCAL_WORLD_SIZE", world))
-
+    if "WORLD_SIZE" not in env:
+        return 0, 0, 1, 1
+    try:
+        world, rank, local, local_world = (int(env.get(k, d)) for k, d in (
+            ("WORLD_SIZE", ""), ("RANK", "0"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
+    except ValueError:
+        raise UserError(f"environment WORLD_SIZE, RANK, LOCAL_RANK or LOCAL_WORLD_SIZE is not an integer: "
+                        f"{env.get('WORLD_SIZE')!r}, {env.get('RANK')!r}, ... (torchrun sets them)") from None
+    if world < 1 or not 0 <= rank < world or not 0 <= local < max(1, local_world):
+        raise UserError(f"environment WORLD_SIZE={world} RANK={rank} LOCAL_RANK={local}: need WORLD_SIZE >= 1 "
+                        "and 0 <= RANK < WORLD_SIZE, as torchrun sets them")
+    if world > 1 and not (env.get("MASTER_ADDR") and env.get("TORCHELASTIC_RUN_ID")):
+        raise UserError(f"environment WORLD_SIZE={world}: several processes start with torchrun, which sets "
+                        "MASTER_ADDR and the rest; unset WORLD_SIZE to run one")
+    return rank, local, world, local_world
 
 def start_processes(args, cfg):
-    """Under torchrun: check what every process must agree on, then join the group.
-    Returns (device, rank, world). Bad input fails in every process before any waiting."""
+    """Under torchrun: check what every process must agree on, then join the group, giving up
+    after a minute rather than waiting forever. Returns (device, rank, world)."""
     rank, local_rank, world, local_world = torchrun_env()
     device = resolve_device(args.device)
     if world == 1:
@@ -1210,89 +1037,362 @@ def start_processes(args, cfg):
         torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise UserError(f"--device {args.device}: several processes run on CUDA (nccl) or the CPU (gloo)")
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    from datetime import timedelta
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=1))
     if rank == 0:             # one download, not one per process into the same folder
-        load_data(cfg, args.data_dir)
+        read_data(cfg, args.data_dir)
     torch.distributed.barrier()
     return device, rank, world
 
+def all_sum(x, world):
+    """Sum x over the processes, in place (nothing with one process)."""
+    if world > 1:
+        torch.distributed.all_reduce(x)
+    return x
+
+def leave(code, world):
+    """End this process's part: close the process group, then exit with code (None: return)."""
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if code is not None:
+        sys.exit(code)
+
+def share_of(draw, rank, world, batch_size):
+    """draw, keeping this process's slice of every field of the batch."""
+    part = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
+
+    def draw_share(idx):
+        b = draw(idx)
+        return type(b)(*(getattr(b, f.name)[part] for f in fields(b)))
+    return draw_share
 
 # -----------------------------------------------------------------------------
-# Precision: which autocast, by device. Part I's build() asks choose_precision.
+# III.6 A training run: Part I's loop with this run's draws, loss and bookkeeping.
 
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
-
-def choose_precision(device, precision="auto"):
-    """(autocast dtype or None for fp32, why). Weights, optimizer state and EMA stay
-    float32 whatever this says; only matmuls and convolutions run in lower precision."""
-    if precision != "auto":
-        return AMP_DTYPES[precision], f"--precision {precision}"
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        cc = f"compute capability {major}.{minor}"
-        if major >= 8:
-            return torch.bfloat16, f"{cc} runs bf16 natively"
-        if major == 7:   # V100, T4: bf16 is emulated there (slow); fp16 tensor cores are not
-            return torch.float16, f"{cc} has fp16 tensor cores but only emulated bf16"
-        return None, f"{cc} has no tensor cores"
-    if device.type == "cpu":
-        if cpu_has_bf16():
-            return torch.bfloat16, "this CPU runs bf16 natively (AVX512-BF16 or AMX)"
-        return None, "this CPU has no native bf16"
-    return None, f"fp32 on {device.type} (autocast there not measured)"
-
-
-def cpu_has_bf16():
-    # a private oneDNN query: a CPU build without it (or one where it fails) runs fp32
-    query = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+def read_data(cfg, data_dir, train=True):
+    """The config's data set as uint8 images and labels; a missing or broken one is one line."""
+    raw = Path(data_dir) / "MNIST" / "raw"
+    made = [d for d in (raw, raw.parent, Path(data_dir)) if not d.exists()]
     try:
-        return bool(query()) if query is not None else False
-    except Exception:
-        return False
+        return load_cifar10(data_dir, train) if cfg.dataset == "cifar10" else load_mnist(data_dir, train)
+    except Exception as e:  # no network, a proxy error, a truncated file...
+        for d in made:      # leave no empty folders behind
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        put = f"the extracted cifar-10-batches-py folder in {data_dir}" if cfg.dataset == "cifar10" else \
+            f"the four IDX files (train-images-idx3-ubyte, ...) in {raw}"
+        raise UserError(f"--data-dir {data_dir}: {cfg.dataset.upper()} is missing or unreadable and could not be "
+                        f"downloaded ({type(e).__name__}); put {put}") from None
 
+def training_draw(cfg, data, labels, p):
+    """Alg. 1 lines 2-4 as this run draws them: Part I's, with II.4's flips and II.1's labels."""
+    def draw(idx):
+        x0 = to_model_range(data[idx])                                # (B, C, H, W) in [-1, 1]
+        x0 = random_hflip(x0, p.gen) if cfg.hflip else x0
+        y = drop_labels(labels[idx], cfg.p_uncond, cfg.num_classes, p.gen) if cfg.num_classes else None
+        b = draw_batch(x0, p.schedule.T, p.gen)
+        return b if y is None else LabelledBatch(b.x0, b.t, b.eps, y)
+    return draw
 
-def with_autocast(model, device, dtype):
-    """model(x, t) with its matmuls and convs in `dtype` (None: as is, fp32), and a
-    float32 result."""
-    if dtype is None:
-        return model
+def training_loss(cfg):
+    """Part I's loss, or II.1's with labels, weighted by II.5's min-SNR if asked."""
+    loss_fn = conditional_loss if cfg.num_classes else diffusion_loss
+    return min_snr_loss(cfg.min_snr_gamma, loss_fn) if cfg.min_snr_gamma else loss_fn
 
-    def eps_model(*args):
-        with torch.autocast(device.type, dtype=dtype):
-            return model(*args).float()
-    return eps_model
+def build_run(cfg, device, world=1, compile=False, graph=False):
+    """Part I's build() with this run's network, schedule, loss and fast paths (fused AdamW,
+    autocast, DDP, compile, fp16's scaler). Returns the Parts and the loss function."""
+    torch.manual_seed(cfg.seed)                          # the initial weights, the same in every process
+    p = build(cfg, make_unet(cfg), make_schedule(cfg), device)
+    p.opt = make_optimizer(p.model, cfg, device, capturable=graph)
+    dtype = choose_precision(device, cfg.precision)[0]
+    if world > 1:                                        # averages the gradients over the processes
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        p.eps_model = DDP(p.model, device_ids=[device.index] if device.type == "cuda" else None)
+    p.eps_model, loss_fn = Autocast(p.eps_model, device, dtype, cache=not graph), training_loss(cfg)
+    if compile:                                          # DDP cuts its graph at the gradient buckets
+        loss_fn = torch.compile(loss_fn, fullgraph=world == 1, backend=COMPILE_BACKEND)
+    if dtype == torch.float16:
+        scaler = torch.amp.GradScaler(device.type)
+        p.opt, loss_fn = ScaledOptimizer(p.opt, scaler), scale_loss(loss_fn, scaler)
+    return p, loss_fn
 
+def restore(ckpt, p, path):
+    """Put a run back where its checkpoint left it: weights, AdamW's moments, the scaler and the
+    generator of t and eps; a state that does not fit is one line. The optimizer keeps this
+    run's own options (capturable, a device lr), so a checkpoint resumes in any mode."""
+    mine = [dict(g) for g in p.opt.param_groups]
+    try:
+        assert isinstance(ckpt["step"], int) and ckpt["step"] >= 0, f"step {ckpt['step']!r}"
+        for part in ("model", "ema", "opt"):
+            getattr(p, part).load_state_dict(ckpt[part])
+        if ckpt.get("scaler") and isinstance(p.opt, ScaledOptimizer):
+            p.opt.scaler.load_state_dict(ckpt["scaler"])
+        p.gen.set_state(ckpt["rng"])
+        float(ckpt["epoch_loss_sum"]), float(ckpt["seconds"]), list(ckpt["history"])
+    except (AssertionError, RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise UserError(f"--resume: {path}: its training state does not fit this run ({type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[0][:120]})") from None
+    for g, m in zip(p.opt.param_groups, mine):
+        g["capturable"], g["lr"] = m["capturable"], m["lr"]
+    return ckpt["step"]
 
-def set_fast_math(device):
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
-        # Shapes never change, so let cuDNN time its kernels once and keep the fastest. The
-        # price: the chosen kernel may be non-deterministic, so on CUDA a resumed run matches
-        # an uninterrupted one up to float rounding, not bitwise (bitwise on the CPU).
-        torch.backends.cudnn.benchmark = True
+# The loss by noise level, as improved-diffusion logs it: the mean loss of the steps whose t
+# fell in each quarter of 1..T. Where the error sits is what a schedule changes.
+NOISE_BINS = 4
+LOSS_CHECK_EVERY = 50            # steps between NaN checks and progress-bar updates
 
+@dataclass
+class Books:
+    """A run's files, sums and clock: what keep_books updates after each step. Under torchrun
+    every process keeps its own; process 0 alone writes and prints."""
+    args: argparse.Namespace     # run_dir, max_minutes, ckpt_every
+    cfg: RunConfig
+    p: Parts
+    steps_per_epoch: int
+    total: int                   # where this invocation stops: the plan's end, or --max-steps
+    world: int
+    lead: bool                   # process 0
+    log: dict                    # history and seconds, kept in every checkpoint
+    sums: torch.Tensor           # the epoch's loss sum, then loss sums and counts per quarter of t
+    start: int                   # the step this invocation began at
+    last_good: int               # the step of the last checkpoint, None before one
+    bar: tqdm
+    seconds0: float              # seconds trained before this invocation
+    t_open: float = field(default_factory=time.time)
+    recent: list = field(default_factory=list)     # losses since the last check: a check waits for the GPU
+    interrupted: bool = False
+    old_sigint: object = None
+    done: int = 0                # steps done when the loop stopped
 
-def resolve_device(name):
-    """'auto' picks cuda, then mps, then cpu; everything else follows this device."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps: MPS is not available on this machine; use --device cpu or auto")
-    return torch.device(name)
+def say(bk, text, err=False):
+    if bk.lead:
+        print(text, file=sys.stderr if err else sys.stdout)
 
+def open_books(args, cfg, p, ckpt, steps_per_epoch, rank, world):
+    """Restore a checkpoint when resuming, make the run folder, start the clock and the bar,
+    catch Ctrl-C. Returns the Books."""
+    start, ck = restore(ckpt, p, Path(args.run_dir) / "ckpt.pt") if ckpt else 0, ckpt or {}
+    total = min(args.max_steps or math.inf, cfg.epochs * steps_per_epoch)
+    sums = torch.tensor([ck.get("epoch_loss_sum", 0.0), *ck.get("bin_loss_sums", [0.0] * NOISE_BINS),
+                         *ck.get("bin_counts", [0.0] * NOISE_BINS)], device=p.gen.device) * (rank == 0)
+    bk = Books(args, cfg, p, steps_per_epoch, total, world, rank == 0,    # the saved totals go to process 0
+               dict(history=ck.get("history", []), seconds=ck.get("seconds", 0.0)), sums, start,
+               start if ckpt else None, progress_bar(total=total, initial=start, unit="step", disable=rank != 0),
+               ck.get("seconds", 0.0))
+    if bk.lead:
+        Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+        save_text(json.dumps(asdict(cfg), indent=2) + "\n", Path(args.run_dir) / "config.json")
+    set_lr(p.opt, lr_at(start, cfg, cfg.epochs * steps_per_epoch))
+
+    def on_sigint(*_):           # finish the step, save, leave; a second Ctrl-C kills as usual
+        bk.interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    bk.old_sigint = signal.signal(signal.SIGINT, on_sigint)
+    return bk
+
+def keep_books(bk, step, loss, t, err):
+    """After step `step` (0-based): add up the losses, check them, write the checkpoint and the
+    epoch's files, set the next step's lr. True when the run should stop: at --max-steps, the
+    time limit or Ctrl-C, which several processes agree on every LOSS_CHECK_EVERY steps, so
+    none waits alone in a collective."""
+    n, cfg, spe = step + 1, bk.cfg, bk.steps_per_epoch            # n: steps done
+    bk.done = n
+    bk.sums[0] += loss / bk.world                               # each process's loss is of its share
+    bins = 1 + t * NOISE_BINS // cfg.T                          # (B,) in 1..4; index_add_, unlike
+    bk.sums.index_add_(0, bins, err)                            # bincount, never waits for the GPU
+    bk.sums.index_add_(0, bins + NOISE_BINS, torch.ones_like(err))
+    bk.recent.append(loss)
+    late = bk.args.max_minutes is not None and time.time() - bk.t_open > 60 * bk.args.max_minutes
+    if bk.world > 1 and n % LOSS_CHECK_EVERY == 0:
+        votes = all_sum(torch.tensor([float(bk.interrupted), float(late)], device=bk.sums.device), bk.world)
+        bk.interrupted, late = bool(votes[0]), bool(votes[1])
+    stop = n >= bk.total or ((bk.interrupted or late) and (bk.world == 1 or n % LOSS_CHECK_EVERY == 0))
+    save = n % spe == 0 or stop or (bk.args.ckpt_every and n % bk.args.ckpt_every == 0)
+    if len(bk.recent) == LOSS_CHECK_EVERY or save:
+        check_losses(bk, n)
+    bk.log["seconds"] = bk.seconds0 + time.time() - bk.t_open
+    if save:
+        bk.sums.copy_(all_sum(bk.sums, bk.world) * bk.lead)     # the totals, on process 0 alone
+        if n % spe == 0:
+            by_t = (bk.sums[1:1 + NOISE_BINS] / bk.sums[1 + NOISE_BINS:].clamp(min=1)).tolist()
+            bk.log["history"].append(dict(epoch=n // spe, step=n, seconds=bk.log["seconds"],
+                                          mean_loss=bk.sums[0].item() / spe, loss_by_t=by_t))
+            bk.sums.zero_()
+        if bk.lead:           # the checkpoint first: a grid that fails loses no training
+            save_checkpoint(bk, n)
+            if n % spe == 0:
+                write_loss_csv(bk.log["history"], Path(bk.args.run_dir) / "loss.csv", cfg.T)
+                if cfg.grid_n:
+                    epoch_grid(bk.p, cfg, Path(bk.args.run_dir) / f"grid_epoch{n // spe:03d}.png")
+        bk.last_good = n
+    set_lr(bk.p.opt, lr_at(n, cfg, cfg.epochs * spe))           # the horizon is --epochs, not --max-steps
+    return stop
+
+def check_losses(bk, n):
+    """Stop at the first NaN or infinite loss since the last check, naming its step."""
+    recent = all_sum(torch.stack(bk.recent), bk.world) / bk.world          # (k,): the whole batch's losses
+    bad = (~torch.isfinite(recent)).nonzero()
+    if len(bad):
+        bk.bar.close()
+        kept = f"the last good checkpoint is {Path(bk.args.run_dir) / 'ckpt.pt'} (step {bk.last_good})" \
+            if bk.last_good is not None else "no checkpoint was written"
+        say(bk, f"error: the loss became NaN or infinite at step {n - len(bk.recent) + int(bad[0]) + 1}; {kept}. "
+                f"Try a smaller --lr, or --precision fp32.", err=True)
+        leave(1, bk.world)
+    # images/s of this invocation: tqdm's own rate stays unset until a redraw, a minute into a log
+    bk.bar.set_postfix(loss=f"{recent.mean().item():.4f}",
+                       img_s=f"{(n - bk.start) * bk.cfg.batch_size / max(time.time() - bk.t_open, 1e-9):.0f}")
+    bk.bar.update(len(bk.recent))
+    bk.recent = []
+
+def save_checkpoint(bk, step):
+    p, scaler, dev = bk.p, getattr(bk.p.opt, "scaler", None), bk.p.gen.device
+    ckpt = dict(config=asdict(bk.cfg), model=p.model.state_dict(), ema=p.ema.state_dict(),
+                opt=portable_optimizer_state(p.opt), scaler=scaler.state_dict() if scaler else {}, step=step,
+                rng=p.gen.get_state(), steps_per_epoch=bk.steps_per_epoch, epoch_loss_sum=bk.sums[0].item(), bin_loss_sums=bk.sums[1:1 + NOISE_BINS].tolist(),
+                bin_counts=bk.sums[1 + NOISE_BINS:].tolist(), history=bk.log["history"], seconds=bk.log["seconds"],
+                device=f"cuda ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else dev.type,
+                versions=dict(torch=str(torch.__version__)))
+    atomic_write(Path(bk.args.run_dir) / "ckpt.pt", lambda f: torch.save(ckpt, f))
+
+def close_books(bk, done):
+    bk.bar.close()
+    signal.signal(signal.SIGINT, bk.old_sigint)
+    ckpt = Path(bk.args.run_dir) / "ckpt.pt"
+    if bk.interrupted:
+        say(bk, f"interrupted: saved {ckpt} at step {done}; continue with\n"
+                f"  python ddpm_mnist.py train --run-dir {bk.args.run_dir} --resume", err=True)
+        leave(130, bk.world)
+    say(bk, f"saved {ckpt} at step {done} ({bk.log['seconds']:.0f} s of training)"
+            + ("; continue with --resume" if done < bk.cfg.epochs * bk.steps_per_epoch else ""))
+    leave(None, bk.world)
+
+def write_loss_csv(history, path, T):
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["epoch", "step", "mean_loss", "seconds"] +
+               [f"loss_t{b * T // NOISE_BINS + 1}-{(b + 1) * T // NOISE_BINS}" for b in range(NOISE_BINS)])
+    for row in history:
+        by_t = [f"{v:.6f}" for v in row.get("loss_by_t", [])]  # absent in runs from older versions
+        w.writerow([row["epoch"], row["step"], f"{row['mean_loss']:.6f}", f"{row['seconds']:.1f}", *by_t])
+    save_text(out.getvalue(), path)
+
+def digit_rows(n, ncol, num_classes):
+    """Labels for n samples laid out ncol to a row: row r asks for class r mod num_classes."""
+    return (torch.arange(n) // ncol) % num_classes
+
+def epoch_grid(p, cfg, path):
+    """EMA samples from the same starting noise every epoch, so the grids show progress."""
+    device = p.schedule.betas.device
+    x_T = torch.randn(cfg.grid_n, *image_shape(cfg), generator=torch.Generator().manual_seed(cfg.seed + 1))
+    eps_model = Autocast(p.ema, device, choose_precision(device, cfg.precision)[0])
+    if cfg.num_classes:                      # a conditional run: one digit per row of the grid
+        eps_model = guided(eps_model, digit_rows(cfg.grid_n, GRID_COLUMNS, cfg.num_classes).to(device),
+                           DEFAULT_GUIDANCE, cfg.num_classes)
+    save_png(grid_image(to_uint8(ddim_sample(eps_model, p.schedule, x_T.to(device))), GRID_COLUMNS), path)
 
 # -----------------------------------------------------------------------------
-# Sampling many: batches, one progress bar, and the three output formats.
+# III.7 CUDA graphs. A step of this small network is hundreds of small kernels, and on a GPU
+# their launches, not their arithmetic, set the pace. Captured once, a whole training step
+# (draws, forward, backward, AdamW, EMA) or a sampler's network replays with one launch. The
+# inputs live in fixed buffers: the batch's indices, t and eps drawn inside the graph from the
+# run's generator, the lr a device tensor (make_optimizer).
 
+GRAPH_WARMUP = 3                 # calls run as they are before a capture: cuDNN's search, compile, state
+
+def graph_unsupported(device, world=1, fp16=False):
+    """Why a step cannot be captured here, or None."""
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device, not {device.type}"
+    if world > 1:
+        return "several processes synchronize their gradients outside any graph"
+    return "fp16's gradient scaler checks for overflow on the CPU" if fp16 else None
+
+def on_side_stream(fn):
+    """fn() on a side stream, where the calls before a capture must run."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    return out
+
+class GraphedCall:
+    """fn(*args) run as it is for its first GRAPH_WARMUP calls, then captured as a CUDA graph
+    with fixed input buffers and replayed: the arguments are copied in, and the outputs are the
+    graph's own, valid until the next call. One graph per shape of the arguments; a capture that
+    fails is said once, and fn runs as it is from then on. `generator`: the one fn draws from."""
+
+    def __init__(self, fn, generator=None):
+        self.fn, self.generator, self.graphs = fn, generator, {}
+
+    def __call__(self, *args):
+        g = self.graphs.setdefault(tuple(a.shape for a in args), dict(calls=0, graph=None))
+        g["calls"] += 1
+        if g["calls"] <= GRAPH_WARMUP:
+            return on_side_stream(lambda: self.fn(*args))
+        if g["calls"] == GRAPH_WARMUP + 1:
+            g["static"] = [a.clone() for a in args]
+            g["graph"], g["out"] = capture(lambda: self.fn(*g["static"]), self.generator)
+        if g["graph"] is None:
+            return self.fn(*args)
+        for s, a in zip(g["static"], args):
+            s.copy_(a)
+        g["graph"].replay()
+        return g["out"]
+
+def capture(fn, generator):
+    """fn() captured as a CUDA graph, and its outputs; (None, None), said, if capture fails."""
+    state = generator.get_state() if generator is not None else None
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with warnings.catch_warnings():      # a generator of one's own must be registered before torch 2.12
+            warnings.simplefilter("ignore")
+            if generator is not None and hasattr(graph, "register_generator_state"):
+                graph.register_generator_state(generator)
+        with torch.cuda.graph(graph):
+            out = fn()
+        return graph, out
+    except Exception as e:
+        if state is not None:
+            generator.set_state(state)
+        note(f"note: --cuda-graph: capture failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}); "
+             "it runs uncaptured")
+        return None, None
+
+def static_step(p, cfg, draw, loss_fn):
+    """step(idx, n): one whole training step as a graph can replay it, Part I's arithmetic with
+    the EMA's warm-up decay computed on the device from the step count n, in float64 as Python
+    computes it. idx: the batch's (B,) indices into the data on the device."""
+    ema_params, params = list(p.ema.parameters()), list(p.model.parameters())
+
+    def step(idx, n):
+        b = draw(idx)
+        loss, err = loss_fn(p.eps_model, p.schedule, b)
+        p.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        p.opt.step()
+        w = (1 - torch.clamp((1 + n) / (10 + n), max=cfg.ema_decay)).float()   # 1 - ema_decay_at(n)
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, [w] * len(params))
+        return loss.detach(), b.t, err.detach()
+    return step
+
+def train_graphed(cfg, data, p, start, on_step, draw, loss_fn):
+    """Part I's loop, its step replayed from a CUDA graph (GraphedCall)."""
+    step_fn, spe = GraphedCall(static_step(p, cfg, draw, loss_fn), p.gen), len(data) // cfg.batch_size
+    n = torch.zeros((), dtype=torch.float64, device=data.device)
+    for step in range(start, cfg.epochs * spe):
+        epoch, k = divmod(step, spe)
+        if k == 0 or step == start:
+            order = epoch_batches(len(data), cfg.batch_size, cfg.seed, epoch).to(data.device)
+        loss, t, err = step_fn(order[k], n.fill_(step))
+        if on_step(step, loss.clone(), t, err):     # the graph writes over its outputs at each replay
+            break
+
+# -----------------------------------------------------------------------------
+# III.8 Sampling many: batches, one progress bar, the output formats, and the fast path.
 
 @dataclass
 class Sampler:
@@ -1311,88 +1411,74 @@ class Sampler:
             return ddpm_sample(eps_model, schedule, x_T, self.clip_x0, generator, on_step)
         return ddim_sample(eps_model, schedule, x_T, self.steps, self.eta, self.clip_x0, generator, on_step)
 
+def fast_eps_model(eps_model, device, compile=False, graph=False):
+    """The sampling commands' --compile and --cuda-graph: the network compiled, and replayed
+    from a CUDA graph at each step. The samplers' few elementwise ops per step stay eager."""
+    eps_model = torch.compile(eps_model, backend=COMPILE_BACKEND) if compile else eps_model
+    why_not = graph_unsupported(device) if graph else None
+    if why_not:
+        note(f"note: --cuda-graph: {why_not}; the steps run uncaptured")
+    return GraphedCall(eps_model) if graph and not why_not else eps_model
 
 @dataclass
 class Guidance:
-    """Extension: what a conditional model is asked for: one label per sample and the scale
-    s of guided()."""
+    """What a conditional model is asked for (II.2): one label per sample, and the scale s."""
     labels: torch.Tensor         # (N,) int64
     scale: float
     null_label: int              # the network's "no label", its num_classes
 
     def eps_model_for(self, eps_model, device, start=0, stop=None):
-        """guided(eps_model) for samples start..stop: what the samplers call."""
         return guided(eps_model, self.labels[start:stop].to(device), self.scale, self.null_label)
 
-
 def generate(eps_model, schedule, sampler, shape, seed=0, batch_size=256, guidance=None):
-    """shape[0] samples as uint8 (N, H, W), made in batches. x_T comes from a CPU generator,
-    so the same seed gives the same starting noise on every device. `guidance`: labels and
-    scale for a conditional model."""
+    """shape[0] samples as uint8 (N, H, W[, 3]), in batches. x_T comes from a CPU generator,
+    so the same seed gives the same starting noise on every device."""
     n, device = shape[0], schedule.betas.device
-    g_noise = torch.Generator().manual_seed(seed)
-    g_step = torch.Generator(device).manual_seed(seed + 1)     # DDPM's and DDIM(eta>0)'s z
-    steps = len(sampler.timesteps(schedule.T))
+    g_noise, g_step = torch.Generator().manual_seed(seed), torch.Generator(device).manual_seed(seed + 1)
     out = []
-    with progress_bar(total=math.ceil(n / batch_size) * steps, desc=f"{sampler.name} x{n}", unit="step",
-                      leave=False) as bar:
+    with progress_bar(total=math.ceil(n / batch_size) * len(sampler.timesteps(schedule.T)), unit="step",
+                      desc=f"{sampler.name} x{n}", leave=False) as bar:
         for start in range(0, n, batch_size):
             x_T = torch.randn(min(batch_size, n - start), *shape[1:], generator=g_noise).to(device)
-            stop = start + len(x_T)
-            model = eps_model if guidance is None else guidance.eps_model_for(eps_model, device, start, stop)
-            x0 = sampler(model, schedule, x_T, g_step, on_step=lambda *_: bar.update())
-            out.append(to_uint8(x0).cpu())
+            model = guidance.eps_model_for(eps_model, device, start, start + len(x_T)) if guidance else eps_model
+            out.append(to_uint8(sampler(model, schedule, x_T, g_step, on_step=lambda *_: bar.update())).cpu())
     return torch.cat(out)
-
 
 def grid_columns(n):
     """Samples per row of a `sample` grid: a square-ish picture."""
     return max(1, round(math.sqrt(n)))
 
-
 def write_samples(images, out, fmt, labels=None):
-    """png: one square-ish grid to look at; npz: exact uint8 arrays to measure (and the
-    labels asked for, from a conditional model); png-dir: one file per sample, the input
-    standard FID tools expect."""
+    """png: one grid to look at; npz: the exact uint8 arrays to measure (and the labels asked of
+    a conditional model); png-dir: one file per sample, what standard FID tools read."""
     if fmt == "png":
         save_png(grid_image(images, nrow=grid_columns(len(images))), out)
     elif fmt == "npz":
-        arrays = dict(images=images.numpy()) if labels is None else dict(images=images.numpy(), labels=labels.numpy())
+        arrays = dict(images=images.numpy(), **({} if labels is None else dict(labels=labels.numpy())))
         atomic_write(out, lambda f: np.savez_compressed(f, **arrays))
     else:
         Path(out).mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(images):
             save_png(to_image(im), Path(out) / f"{i:06d}.png")
 
-
-def read_labels(path, n):
-    """Extension: the labels a conditional model was asked for, if the .npz holds them
-    (`sample --format npz` writes them), else None."""
-    with np.load(path, allow_pickle=False) as z:
-        if "labels" not in z.files:
-            return None
-        y = z["labels"]
-    if y.shape != (n,) or y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= NUM_CLASSES:
+def read_samples(path):
+    """uint8 images (N, 28, 28) and, if the file holds them, the labels they were asked for."""
+    check_in("--samples", path)
+    try:
+        with np.load(path, allow_pickle=False) as z:        # an object array would need pickle: refused
+            a = z["images"] if "images" in z.files else z[z.files[0]]
+            y = z["labels"] if "labels" in z.files else None
+    except Exception as e:
+        raise UserError(f"--samples {path}: not a readable .npz of arrays ({type(e).__name__})") from None
+    if a.ndim != 3 or a.shape[1:] != (28, 28) or a.dtype != np.uint8 or len(a) < 2:
+        raise UserError(f"--samples {path}: holds {a.dtype} {tuple(a.shape)}; need uint8 (N, 28, 28) with N >= 2")
+    if y is not None and (y.shape != (len(a),) or y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= NUM_CLASSES):
         raise UserError(f"--samples {path}: its labels are {y.dtype} {tuple(y.shape)}; need (N,) integers "
                         f"0..{NUM_CLASSES - 1}, one per image")
-    return torch.from_numpy(y.astype(np.int64))
-
-
-def read_samples(path):
-    """uint8 (N, 28, 28) from an .npz with an 'images' array; one clear line if it is not."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            a = z["images"] if "images" in z.files else z[z.files[0]]
-    except Exception as e:
-        raise UserError(f"--samples {path}: not a readable .npz ({type(e).__name__})") from None
-    H, W = IMAGE_SHAPES["mnist"][1:]
-    if a.ndim != 3 or a.shape[1:] != (H, W) or a.dtype != np.uint8 or len(a) < 2:
-        raise UserError(f"--samples {path}: holds {a.dtype} {tuple(a.shape)}; need uint8 (N, {H}, {W}) with N >= 2")
-    return torch.from_numpy(a.copy())
-
+    return torch.from_numpy(a.copy()), None if y is None else torch.from_numpy(y.astype(np.int64))
 
 # -----------------------------------------------------------------------------
-# Evaluation: are the samples digits, all ten of them, and not copies?
+# III.9 Evaluation: are the samples digits, all ten of them, and not copies?
 #
 # A small CNN classifier, trained once on MNIST and cached, serves three purposes: its
 # predictions give the class histogram and the share of confident samples, and its
@@ -1400,40 +1486,30 @@ def read_samples(path):
 # FID, was trained on digits. FIDs from different feature extractors are not comparable,
 # so every number printed says which extractor, reference set and N it used.
 
-
 class Classifier(nn.Module):
     def __init__(self):
         super().__init__()
-        def block(c_in, c_out):
-            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+        block = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
         self.body = nn.Sequential(*block(1, 32), *block(32, 32), nn.MaxPool2d(2),          # 28 -> 14
                                   *block(32, 64), *block(64, 64), nn.MaxPool2d(2),         # 14 -> 7
                                   nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU())
         self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, 10))
 
-    def features(self, x):          # (B, 1, 28, 28) in [-1, 1] -> (B, 128), the FID space
-        return self.body(x)
-
     def forward(self, x):
         return self.head(self.body(x))
 
-
-CLASSIFIER_EPOCHS = 3
-CLASSIFIER_BATCH = 128
+CLASSIFIER_EPOCHS, CLASSIFIER_BATCH = 3, 128
 SHIFT = 2                        # the classifier's augmentation: random shifts of up to 2 px
 
-
 def train_classifier(data_dir, device, seed=0, epochs=CLASSIFIER_EPOCHS):
-    """Adam with a one-cycle schedule and random shifts: >99% test accuracy in 3 epochs.
-    The shifts matter: generated digits are not centred as carefully as MNIST's."""
-    images, labels = load_mnist(data_dir, train=True)
-    images, labels = images.to(device), labels.to(device)
+    """Adam with a one-cycle schedule and random shifts: >99% test accuracy in 3 epochs. The
+    shifts matter: generated digits are not centred as carefully as MNIST's."""
+    images, labels = (a.to(device) for a in read_data(RunConfig(), data_dir))
     torch.manual_seed(seed)
     clf = Classifier().to(device)
-    steps = epochs * (len(images) // CLASSIFIER_BATCH)
     opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1))
-    clf.train()
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(1, epochs * (len(images) //
+                                                                                            CLASSIFIER_BATCH)))
     H, W = images.shape[1:]
     for epoch in range(epochs):
         for idx in epoch_batches(len(images), CLASSIFIER_BATCH, seed, epoch).to(device):
@@ -1446,78 +1522,24 @@ def train_classifier(data_dir, device, seed=0, epochs=CLASSIFIER_EPOCHS):
             sched.step()
     return clf.eval().requires_grad_(False)
 
-
-@torch.no_grad()
-def classify(clf, images_uint8, device, batch_size=1000):
-    """uint8 (N, 28, 28) -> (features (N, 128) float64, softmax probabilities (N, 10))."""
-    feats, probs = [], []
-    for start in range(0, len(images_uint8), batch_size):
-        x = to_model_range(images_uint8[start:start + batch_size].to(device))
-        f = clf.features(x)
-        feats.append(f.double().cpu())
-        probs.append(F.softmax(clf.head(f), dim=1).cpu())
-    return torch.cat(feats), torch.cat(probs)
-
-
-def gaussian_fit(feats):
-    """Mean and covariance of (N, D) features, float64."""
-    return feats.mean(0), torch.cov(feats.T)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians.
-
-    Tr (S1 S2)^(1/2) = sum of sqrt(eigenvalues of S1^(1/2) S2 S1^(1/2)), a symmetric
-    matrix, so a symmetric eigensolver suffices and no complex sqrtm is needed.
-    """
-    def sqrt_psd(m):
-        w, v = torch.linalg.eigh(m)
-        return (v * w.clamp(min=0).sqrt()) @ v.T
-    s1 = sqrt_psd(sigma1.double())
-    tr_covmean = torch.linalg.eigvalsh(s1 @ sigma2.double() @ s1).clamp(min=0).sqrt().sum()
-    d = (mu1 - mu2).double()
-    return float(d @ d + sigma1.double().trace() + sigma2.double().trace() - 2 * tr_covmean)
-
-
-def class_stats(probs, confident=0.9):
-    """Class histogram of the argmax, shares of the rarest and commonest class, and the
-    share of samples whose top probability is at least `confident`."""
-    counts = torch.bincount(probs.argmax(1), minlength=10)
-    shares = counts.double() / len(probs)
-    return dict(class_counts=counts.tolist(), rarest_share=float(shares.min()),
-                commonest_share=float(shares.max()),
-                confident_share=float((probs.max(1).values >= confident).double().mean()))
-
-
-def nearest_distances(queries_uint8, ref_uint8, device):
-    """Per query, the L2 distance (pixels in [0, 1]) to its nearest image in ref."""
-    ref = ref_uint8.to(device).flatten(1).float() / 255
-    out = []
-    for q in queries_uint8.split(500):
-        d = torch.cdist(q.to(device).flatten(1).float() / 255, ref)    # (500, N_ref)
-        out.append(d.min(1).values.cpu())
-    return torch.cat(out)
-
-
-def load_cache_file(path, flag):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{flag} {path}: not a readable file ({type(e).__name__}); delete it to rebuild it") from None
-
-
 def classifier_cache(path, data_dir, device):
-    """The cached classifier with its test accuracy and the test set's feature statistics;
-    trained and written on first use."""
+    """The cached classifier with its test accuracy and the test set's feature statistics,
+    trained and written on first use; a file that is not one is refused in one line."""
     path = Path(path)
     if path.exists():
-        c = load_cache_file(path, "--classifier")
-        clf = Classifier()
-        clf.load_state_dict(c["model"])
+        try:
+            c = torch.load(check_in("--classifier", path), map_location="cpu", weights_only=True)
+            clf = Classifier()
+            clf.load_state_dict(c["model"])
+            assert isinstance(c["test_accuracy"], float) and isinstance(c["n_test"], int)
+            assert c["test_mu"].shape == (128,) and c["test_sigma"].shape == (128, 128)
+        except Exception:
+            raise UserError(f"--classifier {path}: not an evaluation classifier made by this program; delete it "
+                            "to train one there, or give another path") from None
         return clf.to(device).eval().requires_grad_(False), c
     print(f"training the evaluation classifier (once; cached in {path})")
     clf = train_classifier(data_dir, device)
-    test_x, test_y = load_mnist(data_dir, train=False)
+    test_x, test_y = read_data(RunConfig(), data_dir, train=False)
     feats, probs = classify(clf, test_x, device)
     mu, sigma = gaussian_fit(feats)
     c = dict(model=clf.state_dict(), test_accuracy=float((probs.argmax(1) == test_y).double().mean()),
@@ -1526,17 +1548,53 @@ def classifier_cache(path, data_dir, device):
     atomic_write(path, lambda f: torch.save(c, f))
     return clf.to(device), c
 
+@torch.no_grad()
+def classify(clf, images_uint8, device, batch_size=1000):
+    """uint8 (N, 28, 28) -> (features (N, 128) float64, softmax probabilities (N, 10))."""
+    feats, probs = [], []
+    for start in range(0, len(images_uint8), batch_size):
+        f = clf.body(to_model_range(images_uint8[start:start + batch_size].to(device)))
+        feats.append(f.double().cpu())
+        probs.append(F.softmax(clf.head(f), dim=1).cpu())
+    return torch.cat(feats), torch.cat(probs)
 
-def fid_floor(clf, cache, train_images, n, device, seed=0):
-    """FID of n real training images: the floor any model is measured against."""
-    idx = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:n]
-    feats, _ = classify(clf, train_images[idx], device)
+def gaussian_fit(feats):
+    """Mean and covariance of (N, D) features, float64."""
+    return feats.mean(0), torch.cov(feats.T)
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians. Tr (S1 S2)^(1/2) is
+    the sum of the square roots of the eigenvalues of the symmetric S1^(1/2) S2 S1^(1/2), so a
+    symmetric eigensolver does, with no complex sqrtm."""
+    def sqrt_psd(m):
+        w, v = torch.linalg.eigh(m)
+        return (v * w.clamp(min=0).sqrt()) @ v.T
+    s1 = sqrt_psd(sigma1.double())
+    tr_covmean = torch.linalg.eigvalsh(s1 @ sigma2.double() @ s1).clamp(min=0).sqrt().sum()
+    d = (mu1 - mu2).double()
+    return float(d @ d + sigma1.double().trace() + sigma2.double().trace() - 2 * tr_covmean)
+
+def fid(feats, cache):
+    """The one FID: features against the MNIST test set's, in the classifier's feature space."""
     return frechet_distance(*gaussian_fit(feats), cache["test_mu"], cache["test_sigma"])
 
+def class_stats(probs, confident=0.9):
+    """Class histogram of the argmax, shares of the rarest and commonest class, and the share
+    of samples whose top probability is at least `confident`."""
+    counts = torch.bincount(probs.argmax(1), minlength=10)
+    shares = counts.double() / len(probs)
+    return dict(class_counts=counts.tolist(), rarest_share=float(shares.min()), commonest_share=float(shares.max()),
+                confident_share=float((probs.max(1).values >= confident).double().mean()))
+
+def nearest_distances(queries_uint8, ref_uint8, device):
+    """Per query, the L2 distance (pixels in [0, 1]) to its nearest image in ref."""
+    ref = ref_uint8.to(device).flatten(1).float() / 255
+    return torch.cat([torch.cdist(q.to(device).flatten(1).float() / 255, ref).min(1).values.cpu()
+                      for q in queries_uint8.split(500)])
 
 def memorization(samples, train_images, test_images, device, n=1000):
-    """Nearest-training-image distance of samples against that of real test digits, which
-    the model never saw: copies of the training set would sit far below the real ones."""
+    """Nearest-training-image distance of samples against that of real test digits, which the
+    model never saw: copies of the training set would sit far below the real ones."""
     d_samples = nearest_distances(samples[:n], train_images, device)
     d_real = nearest_distances(test_images[:n], train_images, device)
     p1 = float(d_real.quantile(0.01))
@@ -1544,351 +1602,177 @@ def memorization(samples, train_images, test_images, device, n=1000):
                 nn_dist_real_test_median=float(d_real.median()), real_test_p01=p1,
                 share_closer_than_real_p01=float((d_samples < p1).double().mean()))
 
-
 def class_accuracy(probs, labels):
-    """Extension, conditional models: the share of samples the classifier assigns to the
-    digit they were asked for, overall and per digit."""
+    """II.1's models: the share of samples classified as the digit they were asked for, overall
+    and per digit (None for a digit no sample asked for)."""
     hit = (probs.argmax(1) == labels).double()
-    return dict(class_accuracy=float(hit.mean()),      # None for a digit no sample asked for
+    return dict(class_accuracy=float(hit.mean()),
                 class_accuracy_per_digit=[float(hit[labels == d].mean()) if (labels == d).any() else None
                                           for d in range(NUM_CLASSES)])
 
-
 def same_digit_distance(images, labels):
-    """Extension, conditional models: the mean L2 distance (pixels in [0, 1]) between two
-    samples asked for the same digit: how varied one digit's samples are."""
+    """II.1's models: the mean L2 distance (pixels in [0, 1]) between two samples asked for the
+    same digit: how varied one digit's samples are."""
     x = images.flatten(1).double() / 255
     return float(torch.stack([torch.pdist(x[labels == d]).mean() for d in labels.unique()
                               if (labels == d).sum() > 1]).mean())
 
-
 def evaluate_samples(samples, clf, cache, data_dir, device, seed=0, labels=None):
-    """Everything `evaluate` reports, for uint8 samples (N, 28, 28), and with the labels a
-    conditional model was asked for, its class accuracy."""
-    train_x, _ = load_mnist(data_dir, train=True)
-    test_x, _ = load_mnist(data_dir, train=False)
+    """Everything `evaluate` reports for uint8 samples (N, 28, 28), with class accuracy when
+    the labels they were asked for are known."""
+    (train_x, _), (test_x, _) = read_data(RunConfig(), data_dir), read_data(RunConfig(), data_dir, train=False)
     feats, probs = classify(clf, samples, device)
-    n = len(samples)
-    return dict(
-        feature_extractor="ddpm_mnist Classifier, penultimate layer (128-d)",
-        classifier_test_accuracy=cache["test_accuracy"],
-        fid_reference=f"MNIST test set ({cache['n_test']} images)",
-        n=n,
-        fid=frechet_distance(*gaussian_fit(feats), cache["test_mu"], cache["test_sigma"]),
-        fid_real_train=fid_floor(clf, cache, train_x, n, device, seed),
-        **class_stats(probs),
-        **memorization(samples, train_x, test_x, device),
-        **(class_accuracy(probs, labels) if labels is not None else {}))
-
-
-
+    real = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:len(samples)]]
+    return dict(feature_extractor="ddpm_mnist Classifier, penultimate layer (128-d)",
+                classifier_test_accuracy=cache["test_accuracy"], fid_reference=f"MNIST test set ({cache['n_test']} "
+                "images)", n=len(samples), fid=fid(feats, cache),
+                fid_real_train=fid(classify(clf, real, device)[0], cache),    # the floor: as many real digits
+                **class_stats(probs), **memorization(samples, train_x, test_x, device),
+                **(class_accuracy(probs, labels) if labels is not None else {}))
 
 # -----------------------------------------------------------------------------
-# Pictures that teach: the forward process, the denoising trajectory, interpolation,
-# DDPM against DDIM, and training progress. All are grids of image cells with labels.
-# Every t printed on a picture is the paper's t (1..T, 0 for the clean image).
-
+# III.10 Pictures that teach: the forward process, the denoising trajectory, DDPM against
+# DDIM. Every t on a picture is the paper's.
 
 def labeled_grid(cells, row_labels=(), col_labels=(), scale=2, pad=GRID_PAD):
-    """cells: uint8 (R, C, H, W) or (R, C, H, W, 3) -> a PIL image, labels left of rows and
-    under columns."""
+    """uint8 cells (R, C, H, W[, 3]) -> a PIL image, labels left of the rows and under the columns."""
     R, C, H, W = cells.shape[:4]
-    mode, white = ("RGB", (255, 255, 255)) if cells.dim() == 5 else ("L", 255)
-    sh, sw = H * scale, W * scale
-    font = ImageFont.load_default()
-    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
-    left = int(max((measure.textlength(str(l), font=font) for l in row_labels), default=0)) + 8 if row_labels else 0
+    sh, sw, font = H * scale, W * scale, ImageFont.load_default()
+    left = 8 + int(max(ImageDraw.Draw(Image.new("L", (1, 1))).textlength(str(l), font=font) for l in row_labels)) \
+        if len(row_labels) else 0
     lines = max((str(l).count("\n") + 1 for l in col_labels), default=0)
-    line_h = 13                  # the default font's line height, in pixels
-    img = Image.new(mode, (left + pad + C * (sw + pad), pad + R * (sh + pad) + line_h * lines + (4 if lines else 0)), white)
+    img = Image.new("RGB" if cells.dim() == 5 else "L", (left + pad + C * (sw + pad),
+                                                        pad + R * (sh + pad) + 13 * lines + 4 * bool(lines)), "white")
     draw = ImageDraw.Draw(img)
     for r in range(R):
         for c in range(C):
-            tile = to_image(cells[r, c]).resize((sw, sh), Image.NEAREST)
-            img.paste(tile, (left + pad + c * (sw + pad), pad + r * (sh + pad)))
-        if row_labels:
+            img.paste(to_image(cells[r, c]).resize((sw, sh), Image.NEAREST), (left + pad + c * (sw + pad),
+                                                                               pad + r * (sh + pad)))
+        if len(row_labels):
             draw.text((4, pad + r * (sh + pad) + sh // 2 - 6), str(row_labels[r]), fill=0, font=font)
-    for c, label in enumerate(col_labels):
-        draw.multiline_text((left + pad + c * (sw + pad) + 2, pad + R * (sh + pad) + 2), str(label),
-                            fill=0, font=font, spacing=2)
+    for c, label in enumerate(col_labels):      # 13 px: the default font's line height
+        draw.multiline_text((left + pad + c * (sw + pad) + 2, pad + R * (sh + pad) + 2), str(label), fill=0,
+                            font=font, spacing=2)
     return img
-
 
 FORWARD_T = (1, 50, 100, 200, 400, 600, 800, 1000)   # the paper's t: index t - 1
 
-
 def forward_picture(images_uint8, schedule, ts=FORWARD_T, seed=0):
-    """Step 2 made visible: each digit a row, noised in closed form (Eq. 4) at each paper
-    t. Under each column: t and sqrt(alpha_bar_t), the weight of the digit left in x_t."""
+    """Step 2 made visible: each digit a row, noised in closed form (Eq. 4) at each paper t;
+    under each column t and sqrt(alpha_bar_t), the weight of the digit left in x_t."""
     x0 = to_model_range(images_uint8)                                       # (R, 1, 28, 28)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     cols = [to_uint8(schedule.q_sample(x0, t_batch(x0, t - 1), noise)) for t in ts]   # C x (R, 28, 28)
-    labels = [f"t={t}\nsignal {schedule.sqrt_alphas_cumprod[t - 1]:.3f}" for t in ts]
-    return labeled_grid(torch.stack(cols, dim=1), col_labels=labels, scale=3)
+    return labeled_grid(torch.stack(cols, dim=1), col_labels=[f"t={t}\nsignal {schedule.sqrt_alphas_cumprod[t - 1]:.3f}"
+                                                              for t in ts], scale=3)
 
-
-SCHEDULE_COLORS = {"linear": (31, 119, 180), "cosine": (230, 120, 20)}
-
-
-def line_plot(curves, title, size=(380, 240), margin=(46, 26, 14, 34)):
-    """A line chart drawn with Pillow: curves {name: (xs, ys)}, axes with ticks, a legend.
-    margin is (left, top, right, bottom) in pixels, room for the tick labels and title."""
-    W, H = size
-    ml, mt, mr, mb = margin
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    xs_all = [x for xs, _ in curves.values() for x in xs]
-    ys_all = [y for _, ys in curves.values() for y in ys]
-    x0, x1 = min(xs_all), max(xs_all)
-    y0, y1 = min(ys_all), max(ys_all)
-    px = lambda x: ml + (x - x0) / (x1 - x0) * (W - ml - mr)
-    py = lambda y: H - mb - (y - y0) / (y1 - y0) * (H - mt - mb)
-    d.rectangle([ml, mt, W - mr, H - mb], outline=(0, 0, 0))
-    for v in nice_ticks(y0, y1):
-        d.line([ml - 4, py(v), ml, py(v)], fill=(0, 0, 0))
-        d.text((2, py(v) - 6), f"{v:g}", fill=(0, 0, 0))
-    for v in nice_ticks(x0, x1):
-        d.line([px(v), H - mb, px(v), H - mb + 4], fill=(0, 0, 0))
-        d.text((px(v) - 10, H - mb + 6), f"{v:g}", fill=(0, 0, 0))
-    d.text((ml, 6), title, fill=(0, 0, 0))
-    d.text(((W + ml) // 2 - 4, H - 14), "t", fill=(0, 0, 0))
-    for k, (name, (xs, ys)) in enumerate(curves.items()):
-        d.line([(px(x), py(y)) for x, y in zip(xs, ys)], fill=SCHEDULE_COLORS.get(name, (0, 0, 0)), width=2)
-        lx, ly = W - mr - 90, mt + 8 + 14 * k                        # the legend, top right
-        d.line([lx, ly + 6, lx + 16, ly + 6], fill=SCHEDULE_COLORS.get(name, (0, 0, 0)), width=2)
-        d.text((lx + 20, ly), name, fill=(0, 0, 0))
-    return img
-
-
-def nice_ticks(lo, hi, n=5):
-    """About n round tick values between lo and hi: steps of 1, 2 or 5 times a power of 10."""
-    raw = (hi - lo) / n
-    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
-    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
-
-
-def schedule_picture(images_uint8, schedules, seed=0):
-    """The schedules side by side: sqrt(alpha_bar_t) (how much digit is left) and
-    log SNR_t = log(alpha_bar_t / (1 - alpha_bar_t)) against the paper's t, and below
-    them the same digits noised under each schedule at the same t (one strip each)."""
-    t = list(range(1, schedules["linear"].T + 1))
-    signal = {k: (t, s.sqrt_alphas_cumprod.tolist()) for k, s in schedules.items()}
-    log_snr = {k: (t, (-2 * s.sqrt_recipm1_alphas_cumprod.double().log()).tolist()) for k, s in schedules.items()}
-    plots = [line_plot(signal, "sqrt(alpha_bar_t): the digit left in x_t"),
-             line_plot(log_snr, "log SNR_t = log(alpha_bar_t / (1 - alpha_bar_t))")]
-    strips = [(k, forward_picture(images_uint8, s, seed=seed).convert("RGB")) for k, s in schedules.items()]
-    W = max(sum(p.width for p in plots), max(s.width for _, s in strips))
-    label_h = 16
-    H = plots[0].height + sum(s.height + label_h for _, s in strips)
-    img = Image.new("RGB", (W, H), "white")
-    img.paste(plots[0], (0, 0))
-    img.paste(plots[1], (plots[0].width, 0))
-    y, d = plots[0].height, ImageDraw.Draw(img)
-    for name, strip in strips:
-        d.text((4, y + 2), f"{name} schedule: the same digits and noise (Eq. 4)", fill=SCHEDULE_COLORS[name])
-        img.paste(strip, (0, y + label_h))
-        y += strip.height + label_h
-    return img
-
+def paper_t_after(ts, i):
+    """The paper's t of what a sampler holds after its i-th step: the step from index ts[i]
+    lands on index ts[i + 1], which is the paper's ts[i + 1] + 1, or on x_0 at the end."""
+    return ts[i + 1] + 1 if i + 1 < len(ts) else 0
 
 def frame_indices(num_steps, max_frames=50):
-    """Which sampler iterations become GIF frames: all of them up to 50, else 50 spread
-    evenly, always including the last."""
+    """The sampler steps that become GIF frames: all up to 50, else 50 spread evenly, the last included."""
     k = min(num_steps, max_frames)
     return sorted({round(i * (num_steps - 1) / max(k - 1, 1)) for i in range(k)})
 
-
-def paper_t_after(ts, i):
-    """The paper's t of the state a sampler holds after its i-th step: the step from index
-    ts[i] lands on index ts[i + 1], which is the paper's ts[i + 1] + 1, or on x_0 at the end."""
-    return ts[i + 1] + 1 if i + 1 < len(ts) else 0
-
-
 def denoising_gif(eps_model, schedule, x_T, sampler, generator):
-    """Frames of x_t (left) beside the model's current guess of x_0 (right), per step."""
-    ts = sampler.timesteps(schedule.T)
-    keep = set(frame_indices(len(ts)))
-    nrow = grid_columns(len(x_T))
-    frames = []
+    """Frames of x_t (left) beside the model's current guess of x_0 (right), captioned."""
+    ts, frames = sampler.timesteps(schedule.T), []
+    keep, nrow = set(frame_indices(len(ts))), grid_columns(len(x_T))
 
     def on_step(i, x, x0):
         if i in keep:
-            frames.append(gif_frame(to_uint8(x).cpu(), to_uint8(x0).cpu(), paper_t_after(ts, i), nrow))
+            left, right = grid_image(to_uint8(x), nrow), grid_image(to_uint8(x0), nrow)
+            img = Image.new(left.mode, (2 * left.width + 12, left.height + 16), "white")   # a 12 px gap
+            img.paste(left, (0, 16))
+            img.paste(right, (left.width + 12, 16))
+            ImageDraw.Draw(img).text((2, 2), f"x_t, t={paper_t_after(ts, i)}", fill=0)
+            ImageDraw.Draw(img).text((left.width + 14, 2), "predicted x_0", fill=0)
+            frames.append(img)
 
     sampler(eps_model, schedule, x_T, generator, on_step)
     return frames
 
-
-def gif_frame(x_t, x0, t, nrow):
-    """Two grids side by side with a caption: the noisy state and the predicted x_0."""
-    left, right = grid_image(x_t, nrow), grid_image(x0, nrow)
-    w, h = left.size
-    caption_h, gap = 16, 12
-    img = Image.new(left.mode, (2 * w + gap, h + caption_h), "white")
-    img.paste(left, (0, caption_h))
-    img.paste(right, (w + gap, caption_h))
-    draw = ImageDraw.Draw(img)
-    draw.text((2, 2), f"x_t, t={t}", fill=0)
-    draw.text((w + gap + 2, 2), "predicted x_0", fill=0)
-    return img
-
-
 def save_gif(frames, path, ms=80, hold_ms=1500):
-    """Each frame `ms` long; the last one held so the finished digits can be seen."""
-    durations = [ms] * (len(frames) - 1) + [hold_ms]
+    """Each frame `ms` long, the last held so the finished digits can be seen."""
     atomic_write(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
-                                                duration=durations, loop=0, optimize=False))
-
-
-def slerp(z0, z1, alpha):
-    """Spherical interpolation. Gaussian noise in 784 dimensions lies near a sphere of
-    radius 28; a straight line between two such points passes well inside it (norm ~20 at
-    the middle), noise the model never saw, while slerp stays on the sphere."""
-    cos = (z0 * z1).sum() / (z0.norm() * z1.norm())
-    theta = torch.arccos(cos.clamp(-1, 1))
-    return (torch.sin((1 - alpha) * theta) * z0 + torch.sin(alpha * theta) * z1) / torch.sin(theta)
-
-
-def interpolation_noise(rows, cols, seed, shape=IMAGE_SHAPES["mnist"]):
-    """(rows * cols, C, H, W): each row slerps from one random x_T to another."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(rows, 2, *shape, generator=g)
-    alphas = torch.linspace(0, 1, cols)
-    return torch.stack([slerp(z[r, 0], z[r, 1], a) for r in range(rows) for a in alphas])
-
-
-def progress_picture(run_dir, epochs, n=8):
-    """The first n samples of the chosen per-epoch grids, one row per epoch. A row has as
-    many samples as the narrowest grid holds, so a run with a small --grid-n still works."""
-    found = {int(m[1]): p for p in Path(run_dir).glob("grid_epoch*.png") if (m := re.fullmatch(r"grid_epoch(\d+)\.png", p.name))}
-    have = sorted(found)
-    # a short run shows every epoch; a long one the chosen ones and always its last
-    chosen = have if len(have) <= 6 else sorted({e for e in epochs if e in found} | {have[-1]})
-    cfg_file = Path(run_dir) / "config.json"
-    cfg = config_from_dict(json.loads(cfg_file.read_text())) if cfg_file.exists() else Config()
-    C, H, W = image_shape(cfg)
-    grids = [torch.from_numpy(np.array(Image.open(found[e]).convert("L" if C == 1 else "RGB"))) for e in chosen]
-    n = min([n] + [(g.shape[1] - GRID_PAD) // (W + GRID_PAD) for g in grids])
-    cell = lambda g, c: g[GRID_PAD:GRID_PAD + H, GRID_PAD + c * (W + GRID_PAD): GRID_PAD + c * (W + GRID_PAD) + W]
-    rows = [torch.stack([cell(g, c) for c in range(n)]) for g in grids]
-    return labeled_grid(torch.stack(rows), row_labels=[f"epoch {e}" for e in chosen]), chosen
-
+                                                duration=[ms] * (len(frames) - 1) + [hold_ms], loop=0,
+                                                optimize=False))
 
 # -----------------------------------------------------------------------------
-# bench: what a step costs, measured honestly (synchronized clocks, after a warm-up).
-
+# III.11 bench: what a step costs in each mode, with synchronized clocks after a warm-up.
 
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
-
 def timed(fn, device):
-    """Wall-clock seconds of fn(), with the GPU's queue drained before and after."""
+    """Wall-clock seconds of fn(), the GPU's queue drained before and after."""
     sync(device)
     t0 = time.perf_counter()
     fn()
     sync(device)
     return time.perf_counter() - t0
 
-
-def forward_flops(model, shape, device):
-    """Forward FLOPs per image, counted by torch.utils.flop_counter (convs and matmuls)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    x = torch.randn(2, *shape, device=device)
-    with FlopCounterMode(display=False) as fc:
-        model(x, torch.zeros(2, dtype=torch.long, device=device))
-    return fc.get_total_flops() / 2
-
-
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the whole process, in MB
-
-
-BENCH_WARMUP_STEPS = 3           # the first steps pay for allocation, cuDNN's search and compile
-MNIST_TRAIN_IMAGES = 60_000
-CIFAR10_TRAIN_IMAGES = 50_000
-DDPM_CIFAR10_STEPS = 800_000      # the DDPM paper's CIFAR-10 training, at batch 128
-
-
-class RecomputedSchedule(NoiseSchedule):
-    """For `bench --recompute-schedule` only: Eq. 4 with alpha_bar_t rebuilt from the betas
-    at every call (a cumulative product of 1 - beta on the device, in float32), to measure
-    what the case study's precomputed buffers save."""
-
-    def q_sample(self, x0, t, noise):
-        alpha_bar = torch.cumprod(1.0 - self.betas, dim=0)
-        return extract(alpha_bar.sqrt(), t, x0) * x0 + extract((1.0 - alpha_bar).sqrt(), t, x0) * noise
-
-
-def bench(cfg, device, batch_size, reps=5, compile=False, recompute_schedule=False):
+def bench(cfg, device, reps=5, modes=("eager",)):
+    """The training step in each mode side by side (warm-up, which holds compile and capture,
+    then per step), and both samplers for a batch."""
     set_fast_math(device)
-    torch.manual_seed(0)
-    cfg = replace(cfg, batch_size=batch_size)
-    p = build(cfg, device, compile)
-    if recompute_schedule:
-        p.schedule = RecomputedSchedule(cfg.T, cfg.beta_1, cfg.beta_T, cfg.schedule).to(device)
-        print("schedule: alpha_bar recomputed from the betas in every training step (--recompute-schedule)")
-    shape = image_shape(cfg)
-    gflop = forward_flops(p.model, shape, device) / 1e9
-    x0 = torch.rand(batch_size, *shape, device=device) * 2 - 1      # stand-in images: the cost is the same
-    gen = torch.Generator(device).manual_seed(0)
-    print(f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}; {gflop:.3f} GFLOP forward per image")
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    cfg, shape, B = replace(cfg, epochs=10 ** 6), image_shape(cfg), cfg.batch_size   # epochs: room for any steps
+    data = to_uint8(torch.rand(2 * B, *shape, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
     dtype, why = choose_precision(device, cfg.precision)
-    print(f"device {device} ({card}), {precision_name(dtype)} ({why}), batch {batch_size}, torch {torch.__version__}")
-    t_warm = timed(lambda: [train_step(p, x0, gen, 0, cfg) for _ in range(BENCH_WARMUP_STEPS)], device)
-    phases = {"forward+loss": [], "backward": [], "optimizer": [], "ema": []}
-    for _ in range(reps):
-        box = {}
-        phases["forward+loss"].append(timed(lambda: box.update(loss=diffusion_loss(p.eps_model, p.schedule, x0, gen)[0]),
-                                            device))
-        p.opt.zero_grad(set_to_none=True)
-        phases["backward"].append(timed(lambda: box["loss"].backward(), device))
-        phases["optimizer"].append(timed(p.opt.step, device))
-        phases["ema"].append(timed(lambda: ema_update(list(p.ema.parameters()), list(p.model.parameters()),
-                                                      cfg.ema_decay), device))
-    step_s = timed(lambda: [train_step(p, x0, gen, 0, cfg) for _ in range(reps)], device) / reps
-    med = {k: sorted(v)[len(v) // 2] for k, v in phases.items()}
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"device {device} ({card}), {PRECISION_NAMES[dtype]} ({why}), batch {B}, torch {torch.__version__}")
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        make_unet(cfg).to(device)(torch.randn(2, *shape, device=device), torch.zeros(2, dtype=torch.long, device=device))
+    gflop = fc.get_total_flops() / 2e9                                     # forward, per image
     paper = PRESETS["paper"]
-    paper_images = paper.epochs * (MNIST_TRAIN_IMAGES // paper.batch_size) * paper.batch_size
-    print(f"warm-up ({BENCH_WARMUP_STEPS} steps{', compile' if compile else ''}): {t_warm:.1f} s")
-    print("train step, ms: " + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in med.items())
-          + f"; whole step {1e3 * step_s:.1f}")
-    print(f"train throughput: {batch_size / step_s:,.0f} images/s; {3 * gflop * batch_size / step_s / 1e3:.2f} TFLOP/s "
-          f"achieved (3 x forward FLOPs)" + (f"; one {paper.epochs}-epoch MNIST recipe = "
-                                              f"{paper_images / (batch_size / step_s) / 60:.1f} min"
-                                              if cfg.dataset == "mnist" else ""))
-    if cfg.dataset == "cifar10":
-        steps = cfg.epochs * (CIFAR10_TRAIN_IMAGES // cfg.batch_size)
-        print(f"CIFAR-10 at this speed: the preset's {cfg.epochs} epochs ({steps:,} steps of {cfg.batch_size}) = "
-              f"{steps * step_s / 3600:.1f} h; the DDPM paper's {DDPM_CIFAR10_STEPS:,} steps = "
-              f"{DDPM_CIFAR10_STEPS * step_s / 3600:.1f} h")
-    bench_sampling(with_autocast(p.ema, device, dtype), p.schedule, (batch_size, *shape))
-    print(f"peak memory: {peak_memory_mb(device):,.0f} MB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
+    recipe = paper.epochs * (TRAIN_IMAGES["mnist"] // paper.batch_size) * paper.batch_size   # images
+    print(f"{'mode':18} {'warm-up s':>9} {'ms/step':>8} {'images/s':>9} {'TFLOP/s':>8} {f'{paper.epochs} epochs':>10} "
+          f"{f'DDIM-{DDIM_STEPS}':>8} {'DDPM-1000':>9}  (sampling: s per batch)")
+    for mode in modes:
+        if "graph" in mode and graph_unsupported(device):
+            print(f"{mode:18} not possible: {graph_unsupported(device)}")
+            continue
+        p, loss_fn = build_run(cfg, device, compile="compiled" in mode, graph="graph" in mode)
+        draw = training_draw(cfg, data, torch.zeros(len(data), dtype=torch.long, device=device), p)
+        warm = GRAPH_WARMUP + 1 if "graph" in mode else 3       # the first steps allocate, search, compile
+        marks = []
 
-
-def bench_sampling(eps_model, schedule, shape):
-    device = schedule.betas.device
-    x_T = torch.randn(*shape, device=device)
-    ddim_sample(eps_model, schedule, x_T, steps=2)                      # warm-up
+        def on_step(step, *_):
+            if step + 1 in (warm, warm + reps):
+                sync(device)
+                marks.append(time.perf_counter())
+            return step + 1 >= warm + reps
+        t0 = time.perf_counter()
+        if "graph" in mode:
+            train_graphed(cfg, data, p, 0, on_step, draw, loss_fn)
+        else:
+            train(cfg, data, p, 0, on_step, draw, loss_fn)
+        step_s = (marks[1] - marks[0]) / reps
+        eps_model = fast_eps_model(Autocast(p.ema, device, dtype, cache="graph" not in mode), device,
+                                   "compiled" in mode, "graph" in mode)
+        x_T = torch.randn(B, *shape, device=device)
+        samplers = [Sampler("ddim", DDIM_STEPS), Sampler("ddpm", cfg.T)] if device.type == "cuda" else \
+            [Sampler("ddim", 5)]      # 1000 steps take minutes on a CPU: time 5 and extrapolate
+        Sampler("ddim", 2)(eps_model, p.schedule, x_T)                             # warm-up: compile, capture
+        secs = [timed(lambda: s(eps_model, p.schedule, x_T), device) for s in samplers]
+        secs = secs if device.type == "cuda" else [k * secs[0] / 5 for k in (DDIM_STEPS, cfg.T)]
+        print(f"{mode:18} {marks[0] - t0:9.1f} {1e3 * step_s:8.1f} {B / step_s:9,.0f} {3 * gflop * B / step_s / 1e3:8.2f} "
+              f"{recipe * step_s / B / 60:8.1f} m {secs[0]:8.2f} {secs[1]:9.2f}")
+    print(f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}; {gflop:.3f} GFLOP forward per image; "
+          "TFLOP/s counts 3 x that per image" + ("" if device.type == "cuda" else "; CPU sampling: 5 steps timed"))
     if device.type == "cuda":
-        ddim_s = timed(lambda: ddim_sample(eps_model, schedule, x_T, steps=DDIM_STEPS), device)
-        ddpm_s = timed(lambda: ddpm_sample(eps_model, schedule, x_T), device)
-        how = "measured"
-    else:  # 1000 steps take minutes on a CPU: time a few and extrapolate
-        k = 5
-        per_step = timed(lambda: ddim_sample(eps_model, schedule, x_T, steps=k), device) / k
-        ddim_s, ddpm_s, how = DDIM_STEPS * per_step, schedule.T * per_step, f"extrapolated from {k} timed steps"
-    print(f"sampling, batch {shape[0]}: DDIM-{DDIM_STEPS} {ddim_s:.2f} s, DDPM-{schedule.T} {ddpm_s:.2f} s ({how})")
-
+        print(f"peak memory: {torch.cuda.max_memory_allocated(device) / 2 ** 20:,.0f} MB CUDA allocated")
+    else:
+        import resource              # Unix's; the process's peak, in MB
+        print(f"peak memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB process RSS")
 
 # -----------------------------------------------------------------------------
-# Command line. Every check that can fail does so here, before any slow work starts.
-
+# III.12 The command line. Every check that can fail runs here, before slow work starts or
+# any file is written. Each flag is declared once, so its help reads the same everywhere.
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr (not a usage block), exit code 2."""
@@ -1897,387 +1781,168 @@ class Parser(argparse.ArgumentParser):
         print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
-
-# argparse types: each turns a bad value into one line naming what is allowed, which the
-# Parser above prints with the flag's name. Checking here, at parse time, is what lets a
-# bad flag fail before any model is built or any file is touched.
-
-
-def int_in(lo, hi=None):
+def number(name):
+    """An argparse type: a number held to RANGES[name], refused in one line naming what is allowed."""
     def parse(s):
         try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{s}' is not an integer") from None
-        if v < lo or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"{v} is outside {lo}..{hi if hi is not None else 'inf'}")
-        return v
+            return check_number(name, int(s) if RANGES[name][0] == "int" else float(s), "")
+        except (ValueError, UserError):
+            raise argparse.ArgumentTypeError(f"'{s}': need {range_text(name)}") from None
     return parse
-
-
-def float_over(lo, strict):
-    def parse(s):
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{s}' is not a number") from None
-        if not math.isfinite(v) or v < lo or (strict and v == lo):     # "nan" parses as a float
-            raise argparse.ArgumentTypeError(f"{s} must be {'>' if strict else '>='} {lo}")
-        return v
-    return parse
-
-
-def decay_arg(s):
-    v = float_over(0, strict=False)(s)
-    if v >= 1:
-        raise argparse.ArgumentTypeError(f"{s} must be below 1 (0.9999 averages ~10k steps)")
-    return v
-
-
-def prob_arg(s):
-    v = float_over(0, strict=False)(s)
-    if v > 1:
-        raise argparse.ArgumentTypeError(f"{s} must be a probability, 0..1")
-    return v
-
-
-def class_arg(s):
-    if s == "all":
-        return s
-    if not s.isdigit() or int(s) >= NUM_CLASSES:
-        raise argparse.ArgumentTypeError(f"'{s}' is not a class: need 0..{NUM_CLASSES - 1} or all")
-    return int(s)
-
-
-def scales_arg(s):
-    """A comma-separated list of guidance scales, each >= 0."""
-    return [float_over(0, strict=False)(v) for v in s.split(",")]
-
 
 def channels_arg(s):
     try:
-        ch = tuple(int(c) for c in s.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{s}' is not a comma-separated list of integers") from None
-    try:
-        check_channels(ch)
-    except UserError as e:
-        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
-    return ch
-
+        return check_channels(tuple(int(c) for c in s.split(",")))
+    except (ValueError, UserError) as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1] if isinstance(e, UserError) else
+                                         f"'{s}' is not a comma-separated list of integers") from None
 
 def device_arg(s):
     if s in ("auto", "cpu", "cuda", "mps") or (s.startswith("cuda:") and s[5:].isdigit()):
         return s
     raise argparse.ArgumentTypeError(f"'{s}' is not one of auto, cpu, cuda, cuda:N, mps")
 
-
-def check_out(flag, path, folder=False):
-    """The output must go to an existing, writable folder, and must not be a folder
-    itself (or, for folder outputs, must be a new or empty folder)."""
-    p = Path(path)
-    parent = p.parent
-    if folder:
-        if p.exists() and (not p.is_dir() or any(p.iterdir())):
-            raise UserError(f"{flag} {path}: exists and is not an empty folder; pick a new folder")
-    elif p.is_dir():
-        raise UserError(f"{flag} {path}: is a folder; give a file name")
-    if not parent.is_dir():
-        raise UserError(f"{flag} {path}: the folder {parent} does not exist")
-    # Try a real write: os.access can say yes where creating a file still fails (root in
-    # /proc, some network mounts), and finding out after an hour of sampling loses the hour.
-    try:
-        with open(parent / f".ddpm_write_test.{os.getpid()}", "wb"):
-            pass
-        os.unlink(parent / f".ddpm_write_test.{os.getpid()}")
-    except OSError:
-        raise UserError(f"{flag} {path}: the folder {parent} is not writable") from None
-
-
-def check_run_dir(path):
-    """A run folder may not exist yet (train makes it and its parents), but the nearest
-    folder that does exist must be writable."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise UserError(f"--run-dir {path}: is a file, not a folder")
-    existing = next(a for a in [p, *p.parents] if a.exists())
-    if not os.access(existing, os.W_OK) or not existing.is_dir():
-        raise UserError(f"--run-dir {path}: {existing} is not a writable folder")
-
-
-DEFAULTS = Config()
-TRAIN_FLAGS = ("epochs", "batch_size", "lr", "channels", "ema_decay", "seed", "precision", "grid_n",
-               "schedule", "lr_schedule", "warmup_steps", "min_snr_gamma", "dataset", "time_embedding")
-
+def class_arg(s):
+    if s == "all" or (s.isdigit() and int(s) < NUM_CLASSES):
+        return s if s == "all" else int(s)
+    raise argparse.ArgumentTypeError(f"'{s}' is not a class: need 0..{NUM_CLASSES - 1} or all")
 
 def preset_default(name):
-    """'(default: paper X, cpu Y)' for a Config field, so no help text states a default
-    that a preset overrides."""
+    """'(default: X)', or each preset's where they differ, so no help states a default a preset overrides."""
     show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
-    values = {preset: show(getattr(cfg, name)) for preset, cfg in PRESETS.items()}
-    if len(set(values.values())) == 1:
-        return f"(default: {values['paper']})"
-    return "(default: " + ", ".join(f"{v} with --preset {k}" for k, v in values.items()) + ")"
+    values = {k: show(getattr(cfg, name)) for k, cfg in PRESETS.items()}
+    return f"(default: {values['paper']})" if len(set(values.values())) == 1 else \
+        "(default: " + ", ".join(f"{v} with --preset {k}" for k, v in values.items()) + ")"
 
+# train's recipe flags, each defaulting to the preset's value
+TRAIN_HELP = dict(
+    dataset="images to learn; the network follows their channels and size (II.4)",
+    epochs="passes over the training images", batch_size="images per step", lr="AdamW learning rate",
+    channels="widths of the 4 levels, multiples of 8", ema_decay="EMA decay, below 1",
+    seed="seed for init, data order and noise", precision="autocast, or auto by device",
+    grid_n="EMA samples in each epoch's grid, 0 for none", schedule="noise schedule (II.3)",
+    lr_schedule="constant, or warm-up then cosine decay to 0 (II.5)", warmup_steps="linear lr warm-up steps (II.5)",
+    min_snr_gamma="min-SNR loss weighting, 0 for plain MSE (II.5)")
+FLAGS = dict(  # every other flag: argparse keywords; %(default)s is each command's own default
+    device=dict(type=device_arg, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps "
+                                                      "(default: auto)"),
+    ckpt=dict(help=f"checkpoint to load (default: {DEFAULT_CKPT}, or the committed samples/ema_fp16.pt until you "
+                   "have trained)"),
+    precision=dict(choices=CHOICES["precision"], default="auto", help="auto: bf16 autocast where the device runs it "
+                   "natively (CUDA 8.0+, AVX512-BF16 CPUs), fp16 with a gradient scaler on CUDA 7.x, else fp32 "
+                   "(default: auto)"),
+    data_dir=dict(default="data", help="folder holding MNIST/raw (or cifar-10-batches-py); downloaded there if "
+                                       "missing (default: data)"),
+    seed=dict(type=number("seed"), default=0, help="seed of the starting noise (default: 0)"),
+    sampler=dict(choices=("ddpm", "ddim"), default="ddim", help="ddpm: all T ancestral steps; ddim: --steps jumps "
+                                                                "(default: ddim)"),
+    steps=dict(type=number("steps"), help=f"DDIM steps, 1..T (default: {DDIM_STEPS}; DDPM always takes all T)"),
+    eta=dict(type=number("eta"), default=0.0, help="DDIM noise, 0..1: 0 deterministic, 1 like DDPM (default: 0)"),
+    no_clip=dict(action="store_true", help="do not clip the predicted x_0 to [-1, 1]"),
+    weights=dict(choices=("ema", "model"), default="ema", help="the EMA weights or the raw trained ones "
+                                                               "(default: ema)"),
+    digit=dict(flag="--class", type=class_arg, help="conditional models: the digit to draw, 0..9, or all: one "
+                                                    "digit per row (default: all)"),
+    guidance=dict(type=number("guidance"), help="conditional models: guidance scale s, 0..1000; 0 ignores the class, "
+                  "1 is the plain conditional model, larger draws the class more surely and less varied "
+                  f"(default: {DEFAULT_GUIDANCE})"),
+    classifier=dict(default="runs/mnist_classifier.pt", help="cached classifier (.pt), trained there on first use "
+                                                             "(default: %(default)s)"),
+    compile=dict(action="store_true", help="torch.compile the step (slower start, faster steps)"),
+    cuda_graph=dict(action="store_true", help="replay each step from a CUDA graph (on CUDA; elsewhere it runs "
+                                              "uncaptured)"),
+    n=dict(type=number("n"), help="samples (default: %(default)s)"),
+    batch_size=dict(type=number("batch_size"), help="samples per batch (default: %(default)s)"),
+    out=dict(help="output path (default: %(default)s)"),
+    run_dir=dict(default="runs/ddpm", help="the run's folder (default: runs/ddpm)"),
+)
+SAMPLING = "device ckpt precision sampler steps eta no_clip weights compile cuda_graph"
+COMMANDS = {  # name: (help, description, flags[=default]); the command's own flags come in build_parser
+    "train": ("train a DDPM (Alg. 1)", "Train the U-Net; writes ckpt.pt, config.json, loss.csv and per-epoch EMA "
+              "sample grids into --run-dir. Defaults come from --preset.", "data_dir run_dir device compile cuda_graph"),
+    "sample": ("draw digits with DDPM or DDIM (Alg. 2, DDIM Eq. 12)", "Sample from a checkpoint's EMA weights into "
+               "a PNG grid, an .npz, a folder of PNGs, or a denoising GIF.",
+               SAMPLING + " n=64 batch_size=256 digit guidance seed"),
+    "evaluate": ("FID, digit classes and copies of samples", "Score N samples (generated, or read from --samples) "
+                 "with a cached MNIST classifier; prints a table and writes a JSON report.",
+                 SAMPLING + " n=10000 batch_size=500 data_dir classifier guidance seed"),
+    "compare": ("DDPM-1000 against DDIM at 10-100 steps, same noise", "From one starting noise: DDPM (all T steps), "
+                "DDIM eta=0 at 10, 20, 50, 100 steps and DDIM eta=1 at 50, or with --guidance guidance scales; "
+                "a table and a picture.", "device ckpt precision weights n=1000 batch_size=500 data_dir classifier "
+                                          "seed"),
+    "bench": ("time a training step in each mode, and the samplers", "The training step eager, compiled "
+              "(--compile) and captured as a CUDA graph (--cuda-graph) side by side, with the warm-up each costs, "
+              "images/s, TFLOP/s, sampling time for a batch, peak memory.",
+              "device precision compile cuda_graph batch_size=128"),
+    "forward": ("picture: real digits noised at t = 1 .. 1000 (Step 2)", None, "data_dir seed out=samples/forward.png"),
+    "export": ("a checkpoint's EMA weights alone, in fp16: a small file to share", "Write the EMA weights in float16 "
+               "with the config and how long the model trained, nothing else: a quarter of the checkpoint's size. "
+               "Every command that takes --ckpt reads it.", "out=samples/ema_fp16.pt"),
+}
 
-# One declaration per shared flag, so its help reads the same in every subcommand.
-
-def add_device(p):
-    p.add_argument("--device", type=device_arg, default="auto",
-                   help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: auto)")
-
-
-def add_seed(p, what="the starting noise"):
-    p.add_argument("--seed", type=int_in(0), default=0, help=f"seed of {what} (default: 0)")
-
-
-def add_data_dir(p):
-    p.add_argument("--data-dir", default="data",
-                   help="folder holding MNIST/raw (or cifar-10-batches-py); downloaded there if missing "
-                        "(default: data)")
-
-
-def add_precision(p, default="auto"):
-    p.add_argument("--precision", choices=("auto", *AMP_DTYPES), default=default,
-                   help="auto: bf16 autocast where the device runs it natively (CUDA 8.0+, AVX512-BF16 "
-                        "CPUs), fp16 with a gradient scaler on CUDA 7.x, else fp32 (default: auto)")
-
-
-def add_ckpt(p):
-    p.add_argument("--ckpt", help=f"checkpoint to load (default: {DEFAULT_CKPT}, or the committed "
-                                  "samples/ema_fp16.pt until you have trained)")
-
-
-def add_sampler_args(p):
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim",
-                   help="ddpm: all T ancestral steps; ddim: --steps jumps (default: ddim)")
-    p.add_argument("--steps", type=int_in(1, DEFAULTS.T),
-                   help=f"DDIM steps, 1..{DEFAULTS.T} (default: {DDIM_STEPS}; DDPM always takes all {DEFAULTS.T})")
-    p.add_argument("--eta", type=float_over(0, strict=False), default=0.0,
-                   help="DDIM noise: 0 deterministic, 1 like DDPM (default: 0)")
-    p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 to [-1, 1]")
-
-
-def add_guidance(p):
-    """Extension, for class-conditional checkpoints (train --cond)."""
-    p.add_argument("--class", dest="digit", type=class_arg,
-                   help="conditional models: the digit to draw, 0..9, or all: one digit per row (default: all)")
-    p.add_argument("--guidance", type=float_over(0, strict=False),
-                   help="conditional models: guidance scale s; 0 ignores the class, 1 is the plain conditional "
-                        f"model, larger draws the class more surely and less varied (default: {DEFAULT_GUIDANCE})")
-
-
-def add_weights(p):
-    p.add_argument("--weights", choices=("ema", "model"), default="ema",
-                   help="the EMA weights or the raw trained ones (default: ema)")
-
-
-def add_eval_args(p):
-    add_data_dir(p)
-    p.add_argument("--classifier", default="runs/mnist_classifier.pt",
-                   help="cached classifier, trained here on first use (default: runs/mnist_classifier.pt)")
-    add_seed(p)
-
-
-def add_train_parser(sub):
-    p = sub.add_parser("train", help="train a DDPM on MNIST (Alg. 1)",
-                       description="Train the U-Net; writes ckpt.pt, config.json, loss.csv and per-epoch "
-                                   "EMA sample grids into --run-dir. Defaults come from --preset.")
-    p.add_argument("--preset", choices=tuple(PRESETS), default="paper",
-                   help="paper: the case study's recipe; cpu: a 4x cheaper network and a short run for "
-                        "a laptop CPU; cifar10: the DDPM paper's CIFAR-10 model (default: paper)")
-    p.add_argument("--dataset", choices=tuple(IMAGE_SHAPES),
-                   help=f"images to learn; the network follows their channels and size {preset_default('dataset')}")
-    p.add_argument("--epochs", type=int_in(1), help=f"passes over the training images {preset_default('epochs')}")
-    p.add_argument("--batch-size", type=int_in(1), help=f"images per step {preset_default('batch_size')}")
-    p.add_argument("--lr", type=float_over(0, strict=True), help=f"AdamW learning rate {preset_default('lr')}")
-    p.add_argument("--channels", type=channels_arg,
-                   help=f"widths of the 4 levels, multiples of 8 {preset_default('channels')}")
-    p.add_argument("--ema-decay", type=decay_arg, help=f"EMA decay, below 1 {preset_default('ema_decay')}")
-    p.add_argument("--seed", type=int_in(0), help=f"seed for init, data order and noise {preset_default('seed')}")
-    add_precision(p, default=None)
-    p.add_argument("--grid-n", type=int_in(0), help=f"EMA samples in each epoch's grid, 0 for none "
-                                                    f"{preset_default('grid_n')}")
-    p.add_argument("--schedule", choices=SCHEDULES, help=f"noise schedule {preset_default('schedule')}")
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"),
-                   help=f"constant, or warm-up then cosine decay to 0 {preset_default('lr_schedule')}")
-    p.add_argument("--warmup-steps", type=int_in(0), help=f"linear lr warm-up steps {preset_default('warmup_steps')}")
-    p.add_argument("--min-snr-gamma", type=float_over(0, strict=False),
-                   help=f"min-SNR loss weighting, 0 for plain MSE {preset_default('min_snr_gamma')}")
-    p.add_argument("--time-embedding", choices=TIME_EMBEDDINGS,
-                   help="what the network is told of t: sinusoidal (the case study), learned (a table, one "
-                        f"vector per integer t) or scalar (t/T) {preset_default('time_embedding')}")
-    p.add_argument("--cond", action="store_true",
-                   help="extension: a class-conditional model, for sample --class and --guidance")
-    p.add_argument("--p-uncond", type=prob_arg,
-                   help=f"with --cond: share of labels dropped to 'no label', 0..1 (default: {DEFAULTS.p_uncond})")
-    add_data_dir(p)
-    p.add_argument("--run-dir", default="runs/ddpm", help="where the run's files go (default: runs/ddpm)")
-    add_device(p)
-    p.add_argument("--max-steps", type=int_in(1), help="stop after this many steps in all, with a checkpoint")
-    p.add_argument("--max-minutes", type=float_over(0, strict=True), help="stop after this many minutes, with a checkpoint")
-    p.add_argument("--ckpt-every", type=int_in(0), default=0,
-                   help="also checkpoint every N steps, so a kill loses at most N (default: 0, every epoch only)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt, exactly")
-    p.add_argument("--overwrite", action="store_true", help="start over in a run folder that has a checkpoint")
-    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slower start, faster steps)")
-    p.set_defaults(func=cmd_train)
-
-
-def add_sample_parser(sub):
-    p = sub.add_parser("sample", help="draw digits with DDPM or DDIM (Alg. 2, DDIM Eq. 12)",
-                       description="Sample from a checkpoint's EMA weights into a PNG grid, an .npz, "
-                                   "a folder of PNGs, or a denoising GIF.")
-    add_device(p)
-    add_ckpt(p)
-    add_precision(p)
-    add_sampler_args(p)
-    p.add_argument("--n", type=int_in(1), default=64, help="number of samples (default: 64)")
-    p.add_argument("--batch-size", type=int_in(1), default=256, help="samples per batch (default: 256)")
-    p.add_argument("--format", choices=("png", "npz", "png-dir"), default="png",
-                   help="png: one grid; npz: uint8 array 'images', (N, 28, 28) for MNIST or (N, 32, 32, 3) "
-                        "for CIFAR-10; png-dir: one PNG per sample, for pytorch-fid or clean-fid (default: png)")
-    p.add_argument("--gif", action="store_true",
-                   help="write an animated GIF of x_t beside the predicted x_0 at every step instead")
-    p.add_argument("--out", help="output path (default: samples/<sampler>_<steps>.png, .npz, .gif or folder)")
-    add_weights(p)
-    add_guidance(p)
-    add_seed(p)
-    p.set_defaults(func=cmd_sample)
-
-
-def add_evaluate_parser(sub):
-    p = sub.add_parser("evaluate", help="FID, digit classes and memorization of samples",
-                       description="Score N samples (generated, or read from --samples) with a cached MNIST "
-                                   "classifier; prints a table and writes a JSON report.")
-    add_device(p)
-    add_ckpt(p)
-    add_precision(p)
-    add_sampler_args(p)
-    add_eval_args(p)
-    p.add_argument("--n", type=int_in(2), default=10000, help="samples to generate and score (default: 10000)")
-    p.add_argument("--batch-size", type=int_in(1), default=500, help="samples per batch (default: 500)")
-    p.add_argument("--samples", help="score this .npz (uint8 'images', (N, 28, 28)) instead of sampling")
-    add_weights(p)
-    p.add_argument("--guidance", type=float_over(0, strict=False),
-                   help=f"conditional models: guidance scale s; adds class accuracy (default: {DEFAULT_GUIDANCE})")
-    p.add_argument("--out", help="report path (default: evaluate.json beside --samples, else beside the "
-                                 "checkpoint, or in the current folder for the committed weights)")
-    p.set_defaults(func=cmd_evaluate)
-
-
-def add_compare_parser(sub):
-    p = sub.add_parser("compare", help="DDPM-1000 against DDIM at 10-100 steps, same noise",
-                       description="From one starting noise: DDPM (all T steps), DDIM eta=0 at 10, 20, 50, "
-                                   "100 steps and DDIM eta=1 at 50; a table and a picture.")
-    add_device(p)
-    add_ckpt(p)
-    add_precision(p)
-    add_eval_args(p)
-    p.add_argument("--n", type=int_in(2), default=1000, help="samples per sampler (default: 1000)")
-    p.add_argument("--batch-size", type=int_in(1), default=500, help="samples per batch (default: 500)")
-    add_weights(p)
-    p.add_argument("--guidance", type=scales_arg,
-                   help="conditional models: compare these guidance scales (DDIM-50) instead of the samplers, "
-                        "e.g. 0,1,2,3,5,8; the picture is then one row per digit, one column per scale")
-    p.add_argument("--out", help="picture path (default: samples/compare.png, or samples/guidance.png "
-                                 "with --guidance)")
-    p.set_defaults(func=cmd_compare)
-
-
-def add_bench_parser(sub):
-    p = sub.add_parser("bench", help="time a training step and the samplers",
-                       description="Train-step time by phase, images/s, FLOPs and TFLOP/s, sampling time "
-                                   "for a batch, peak memory.")
-    add_device(p)
-    add_precision(p)
-    p.add_argument("--preset", choices=tuple(PRESETS), default="paper", help="network to time (default: paper)")
-    p.add_argument("--channels", type=channels_arg, help="widths of the 4 levels (default: the preset's)")
-    p.add_argument("--batch-size", type=int_in(1), default=128, help="images per step (default: 128)")
-    p.add_argument("--reps", type=int_in(1), default=5, help="timed repetitions (default: 5)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
-    p.add_argument("--recompute-schedule", action="store_true",
-                   help="rebuild alpha_bar from the betas in every training step instead of reading the "
-                        "precomputed buffers, to time what they save")
-    p.set_defaults(func=cmd_bench)
-
-
-def add_forward_parser(sub):
-    p = sub.add_parser("forward", help="picture: real digits noised at t = 1 .. 1000 (Step 2)")
-    add_data_dir(p)
-    p.add_argument("--n", type=int_in(1, 16), default=4, help="digits, one per row (default: 4)")
-    add_seed(p, "the choice of digits and the noise")
-    p.add_argument("--schedule", choices=SCHEDULES, default="linear", help="noise schedule (default: linear)")
-    p.add_argument("--out", default="samples/forward.png", help="picture path (default: samples/forward.png)")
-    p.set_defaults(func=cmd_forward)
-
-
-def add_schedule_parser(sub):
-    p = sub.add_parser("schedule", help="picture: the linear and cosine schedules, curves and noised digits")
-    add_data_dir(p)
-    p.add_argument("--n", type=int_in(1, 16), default=2, help="digits, one row each per schedule (default: 2)")
-    add_seed(p, "the choice of digits and the noise")
-    p.add_argument("--out", default="samples/schedule.png", help="picture path (default: samples/schedule.png)")
-    p.set_defaults(func=cmd_schedule)
-
-
-def add_interpolate_parser(sub):
-    p = sub.add_parser("interpolate", help="picture: DDIM from slerped noises morphs one digit into another")
-    add_device(p)
-    add_ckpt(p)
-    add_precision(p)
-    p.add_argument("--rows", type=int_in(1, 16), default=4, help="pairs of noises (default: 4)")
-    p.add_argument("--cols", type=int_in(2, 32), default=10, help="steps from one to the other (default: 10)")
-    p.add_argument("--steps", type=int_in(1, DEFAULTS.T), default=DDIM_STEPS, help=f"DDIM steps (default: {DDIM_STEPS})")
-    add_guidance(p)
-    add_seed(p, "the noises")
-    p.add_argument("--out", default="samples/interpolate.png", help="picture path (default: samples/interpolate.png)")
-    p.set_defaults(func=cmd_interpolate)
-
-
-def add_progress_parser(sub):
-    p = sub.add_parser("progress", help="picture: a run's per-epoch EMA grids, one row per epoch")
-    p.add_argument("--run-dir", default="runs/ddpm", help="run folder with grid_epochNNN.png (default: runs/ddpm)")
-    p.add_argument("--epochs", default="1,5,10,20,30,50",
-                   help="epochs to show when the run has more than 6 grids (fewer: all of them), plus always "
-                        "the last (default: 1,5,10,20,30,50)")
-    p.add_argument("--n", type=int_in(1, 8), default=8,
-                   help="samples per row, at most what the grids hold (default: 8)")
-    p.add_argument("--out", default="samples/progress.png", help="picture path (default: samples/progress.png)")
-    p.set_defaults(func=cmd_progress)
-
-
-def add_export_parser(sub):
-    p = sub.add_parser("export", help="a checkpoint's EMA weights alone, in fp16: a small file to share",
-                       description="Write the EMA weights in float16 with the config, nothing else (no "
-                                   "optimizer, no raw weights): a quarter of the checkpoint's size. Every "
-                                   "command that takes --ckpt reads it.")
-    p.add_argument("--ckpt", default=str(DEFAULT_CKPT), help=f"checkpoint to export (default: {DEFAULT_CKPT})")
-    p.add_argument("--out", default="samples/ema_fp16.pt", help="file to write (default: samples/ema_fp16.pt)")
-    p.set_defaults(func=cmd_export)
-
+def flag(p, name, **kw):
+    spec = {**FLAGS.get(name, {}), **kw}
+    p.add_argument(spec.pop("flag", "--" + name.replace("_", "-")), dest=name, **spec)
 
 def build_parser():
     ap = Parser(prog="ddpm_mnist.py", description=__doc__.split("\n\n")[1],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_train_parser, add_sample_parser, add_evaluate_parser, add_compare_parser,
-                add_bench_parser, add_forward_parser, add_schedule_parser, add_interpolate_parser,
-                add_progress_parser, add_export_parser):
-        add(sub)
+    ps = {}
+    for name, (help, description, flags) in COMMANDS.items():
+        ps[name] = p = sub.add_parser(name, help=help, description=description or help)
+        p.set_defaults(func=globals()["cmd_" + name])
+        for f in flags.split():
+            key, _, default = f.partition("=")
+            flag(p, key, **({"default": FLAGS[key].get("type", str)(default)} if default else {}))
+    p = ps["train"]
+    p.add_argument("--preset", choices=tuple(PRESETS), default="paper", help="paper: the case study's recipe; cpu: "
+                   "a 4x cheaper network and a short run for a laptop CPU; cifar10: the DDPM paper's CIFAR-10 model "
+                   "(default: paper)")
+    for name, text in TRAIN_HELP.items():
+        kind = dict(choices=CHOICES[name]) if name in CHOICES else \
+            dict(type=channels_arg if name == "channels" else number(name))
+        flag(p, name, **kind, default=None, help=f"{text} {preset_default(name)}")
+    p.add_argument("--cond", action="store_true", help="a class-conditional model, for sample --class (II.1)")
+    flag(p, "p_uncond", type=number("p_uncond"), help="with --cond: share of labels dropped to 'no label', 0..1 "
+                                                      f"(default: {PRESETS['paper'].p_uncond})")
+    for name in ("max_steps", "max_minutes"):
+        flag(p, name, type=number(name), help=f"stop after this many {name[4:]} in all, with a checkpoint")
+    flag(p, "ckpt_every", type=number("ckpt_every"), default=0,
+         help="also checkpoint every N steps, so a kill loses at most N (default: 0, every epoch only)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt, exactly")
+    p.add_argument("--overwrite", action="store_true", help="start over in a run folder that has a checkpoint")
+    ps["sample"].add_argument("--format", choices=("png", "npz", "png-dir"), default="png", help="png: one grid; "
+                              "npz: uint8 array 'images', (N, 28, 28) for MNIST or (N, 32, 32, 3) for CIFAR-10; "
+                              "png-dir: one PNG per sample, for pytorch-fid or clean-fid (default: png)")
+    ps["sample"].add_argument("--gif", action="store_true", help="an animated GIF of x_t beside the predicted x_0")
+    flag(ps["sample"], "out", help="output path (default: samples/<sampler>_<steps>.png, .npz, .gif or folder)")
+    ps["evaluate"].add_argument("--samples", help="score this .npz (uint8 'images', (N, 28, 28)) instead of sampling")
+    flag(ps["evaluate"], "out", help="report path, .json (default: evaluate.json beside --samples, else beside the "
+                                     "checkpoint, or in the current folder for the committed weights)")
+    flag(ps["compare"], "guidance", type=lambda s: [number("guidance")(v) for v in s.split(",")],
+         help="conditional models: compare these guidance scales (DDIM-50), e.g. 0,1,2,3,5,8: one picture row per "
+              "digit, one column per scale")
+    flag(ps["compare"], "out", help="picture path (default: samples/compare.png, or samples/guidance.png)")
+    p = ps["bench"]
+    p.add_argument("--preset", choices=tuple(PRESETS), default="paper", help="the network to time (default: paper)")
+    p.add_argument("--channels", type=channels_arg, help="widths of the 4 levels (default: the preset's)")
+    flag(p, "reps", type=number("reps"), default=5, help="timed steps (default: 5)")
+    flag(ps["forward"], "n", type=number("rows"), default=4, help="digits, one per row, 1..16 (default: 4)")
+    flag(ps["forward"], "schedule", choices=CHOICES["schedule"], default="linear", help="noise schedule "
+                                                                                        "(default: linear)")
+    ps["export"].add_argument("--ckpt", default=str(DEFAULT_CKPT), help=f"checkpoint to export (default: "
+                                                                        f"{DEFAULT_CKPT})")
     return ap
 
-
-# --- subcommands --------------------------------------------------------------
-# Each checks everything it can before slow work starts or any file is written.
-
+# --- the commands: each checks what it can before slow work starts or a file is written ---
 
 def train_config(args):
-    """The preset, overlaid with the flags given; on --resume, the checkpoint's config.
-    Returns the config and the checkpoint to resume from (read once, here)."""
-    # Train flags default to None, so "given" means typed on the command line: a preset's
-    # value is only overridden by what the user asked for.
-    given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
+    """The preset overlaid with the flags given; on --resume, the checkpoint's config. Returns
+    the config and the checkpoint to resume from (read once, here)."""
+    # train's recipe flags default to None, so "given" means typed: a preset's value is only
+    # overridden by what the user asked for
+    given = {name: getattr(args, name) for name in TRAIN_HELP if getattr(args, name) is not None}
     if args.p_uncond is not None and not args.cond:
         raise UserError(f"--p-uncond {args.p_uncond}: only with --cond (it drops labels of a class-conditional model)")
     if args.cond:
@@ -2285,38 +1950,71 @@ def train_config(args):
     ckpt_path = Path(args.run_dir) / "ckpt.pt"
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite: choose one")
-    if args.resume:
-        if not ckpt_path.exists():
-            raise UserError(f"--resume: there is no {ckpt_path} to resume from")
-        ckpt = load_checkpoint(ckpt_path, "--resume")
-        check_resumable(ckpt, ckpt_path)
-        saved = config_from_dict(ckpt["config"])
-        if args.cond != bool(saved.num_classes):
-            raise UserError(f"--cond: {ckpt_path} is an unconditional run; a resumed run keeps its config" if args.cond
-                            else f"--resume: {ckpt_path} is a class-conditional run; add --cond to resume it")
-        # a resumed run must be the same run: a changed lr or width would silently make a
-        # different model from the same checkpoint; only its length may grow
-        for k, v in given.items():
-            if k != "epochs" and v != getattr(saved, k):
-                raise UserError(f"--{k.replace('_', '-')} {v}: differs from the checkpoint's {getattr(saved, k)}; "
-                                "a resumed run keeps its config (only --epochs may change)")
-        return replace(saved, **{k: v for k, v in given.items() if k == "epochs"}), ckpt
-    if ckpt_path.exists() and not args.overwrite:
-        raise UserError(f"--run-dir {args.run_dir}: already holds a checkpoint; add --resume to continue it "
-                        "or --overwrite to start over")
-    return replace(PRESETS[args.preset], **given), None
-
+    if not args.resume:
+        if ckpt_path.exists() and not args.overwrite:
+            raise UserError(f"--run-dir {args.run_dir}: already holds a checkpoint; add --resume to continue it "
+                            "or --overwrite to start over")
+        return config_from_dict(asdict(replace(PRESETS[args.preset], **given)), "train"), None
+    if not ckpt_path.exists():
+        raise UserError(f"--resume: there is no {ckpt_path} to resume from")
+    ckpt = load_checkpoint(ckpt_path, "--resume")
+    if any(k not in ckpt for k in TRAINING_STATE):
+        raise UserError(f"--resume: {ckpt_path} has no training state ({', '.join(k for k in TRAINING_STATE if k not in ckpt)}"
+                        " missing); it looks like an `export` file, which can be sampled from but not trained further")
+    saved = config_from_dict(ckpt["config"], f"--resume: {ckpt_path}")
+    if args.cond != bool(saved.num_classes):
+        raise UserError(f"--cond: {ckpt_path} is an unconditional run; a resumed run keeps its config" if args.cond
+                        else f"--resume: {ckpt_path} is a class-conditional run; add --cond to resume it")
+    for k, v in given.items():   # the same run: a changed lr or width would make another model; only --epochs may grow
+        if k != "epochs" and v != getattr(saved, k):
+            raise UserError(f"--{k.replace('_', '-')} {v}: differs from the checkpoint's {getattr(saved, k)}; "
+                            "a resumed run keeps its config (only --epochs may change)")
+    return replace(saved, epochs=given.get("epochs", saved.epochs)), ckpt
 
 def cmd_train(args):
     cfg, ckpt = train_config(args)
-    check_run_dir(args.run_dir)
+    p = Path(args.run_dir)
+    existing = next(a for a in [p, *p.parents] if a.exists())   # train makes the folder and its parents
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError(f"--run-dir {args.run_dir}: {existing} is {'a file' if p == existing else 'not writable'}")
     device, rank, world = start_processes(args, cfg)
     set_fast_math(device)
-    torch.manual_seed(cfg.seed)                              # the initial weights, the same in every process
-    train(cfg, Run(args.run_dir, device, data_dir=args.data_dir, ckpt=ckpt, max_steps=args.max_steps,
-                   max_minutes=args.max_minutes, ckpt_every=args.ckpt_every, compile=args.compile,
-                   rank=rank, world=world))
-
+    images, labels = read_data(cfg, args.data_dir)
+    if len(images) < cfg.batch_size:
+        raise UserError(f"--batch-size {cfg.batch_size}: larger than the {len(images)} training images")
+    total = min(args.max_steps or math.inf, cfg.epochs * (len(images) // cfg.batch_size))
+    if ckpt and isinstance(ckpt["step"], int) and ckpt["step"] >= total:
+        raise UserError(f"--resume: {Path(args.run_dir) / 'ckpt.pt'} is at step {ckpt['step']} already; give more "
+                        f"--epochs (or a larger --max-steps) than the {total} steps asked for")
+    why_not = graph_unsupported(device, world, choose_precision(device, cfg.precision)[0] == torch.float16) \
+        if args.cuda_graph else "not asked for"
+    with blame("--batch-size", device):
+        p, loss_fn = build_run(cfg, device, world, args.compile, graph=not why_not)
+        if rank == 0:              # train's first lines: what differs from the case study, then the run
+            for line in [f"recipe: --preset {cfg.preset}, departing from the case study's in"] * bool(departures(cfg)) \
+                    + [f"  {d}" for d in departures(cfg)]:
+                print(line)
+            dtype, why = choose_precision(device, cfg.precision)
+            print(f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}" + (
+                f", class-conditional (p_uncond {cfg.p_uncond})" if cfg.num_classes else "") + f"; device {device}" + (
+                f" x {world} processes" if world > 1 else "") + f"; {PRECISION_NAMES[dtype]} ({why}); "
+                f"{len(images) // cfg.batch_size} steps/epoch, {cfg.epochs} epochs" +
+                (f"; resuming at step {ckpt['step']}" if ckpt else ""))
+            print(f"step: {'compiled' if args.compile else 'eager'}" + (" and captured as a CUDA graph" if not why_not
+                  else f" (--cuda-graph: {why_not})" if args.cuda_graph else ""))
+            if device.type == "cpu" and cfg.preset == "paper":
+                note("note: the case-study recipe takes many hours on a CPU; `--preset cpu` makes digits in about "
+                     "12 minutes on 2 cores (README, Set up)")
+        bk = open_books(args, cfg, p, ckpt, len(images) // cfg.batch_size, rank, world)
+        data = images.to(device)
+        draw = training_draw(cfg, data, labels.to(device), p)
+        draw = share_of(draw, rank, world, cfg.batch_size) if world > 1 else draw
+        on_step = lambda *a: keep_books(bk, *a)
+        if not why_not:
+            train_graphed(cfg, data, p, bk.start, on_step, draw, loss_fn)
+        else:
+            train(cfg, data, p, bk.start, on_step, draw, loss_fn)
+    close_books(bk, bk.done)
 
 def sampler_from_args(args, T):
     """The Sampler the flags ask for; DDPM takes all T steps and has no eta."""
@@ -2326,20 +2024,26 @@ def sampler_from_args(args, T):
         if args.eta:
             raise UserError("--eta: only DDIM has eta; DDPM's noise is fixed by the posterior variance")
         return Sampler("ddpm", T, 0.0, not args.no_clip)
-    return Sampler("ddim", DDIM_STEPS if args.steps is None else args.steps, args.eta, not args.no_clip)
+    return Sampler("ddim", args.steps or DDIM_STEPS, args.eta, not args.no_clip)
 
-
-def load_for_sampling(args, ckpt_path):
-    """The checks every sampling command shares, then the model, ready to call, on its device."""
-    device = resolve_device(args.device)
-    model, cfg = model_from_checkpoint(load_checkpoint(ckpt_path), getattr(args, "weights", "ema"))
-    eps_model = with_autocast(model.to(device), device, choose_precision(device, args.precision)[0])
-    return eps_model, make_schedule(cfg).to(device), cfg
-
+def load_for_sampling(args, out, suffix, inputs=(), folder=False):
+    """What every sampling command does first: its output checked against its inputs, then the
+    model, ready to call on its device. Returns the model, its schedule, config and file."""
+    ckpt_path = checkpoint_to_sample(args.ckpt)
+    check_out("--out", out, suffix, [ckpt_path, *inputs], folder)
+    device, ckpt = resolve_device(args.device), load_checkpoint(ckpt_path)
+    model, cfg = model_from_checkpoint(ckpt, getattr(args, "weights", "ema"))
+    if args.ckpt is None and ckpt_path == SHIPPED_CKPT:
+        note(f"note: no {DEFAULT_CKPT} yet, so using the committed weights samples/ema_fp16.pt (preset {cfg.preset}, "
+             f"{cfg.dataset.upper()}, {trained_note(ckpt.get('trained'))}); `python ddpm_mnist.py train` makes your own")
+    graph = getattr(args, "cuda_graph", False)
+    eps_model = Autocast(model.to(device), device, choose_precision(device, args.precision)[0], cache=not graph)
+    return fast_eps_model(eps_model, device, getattr(args, "compile", False), graph), make_schedule(cfg).to(device), \
+        cfg, ckpt_path
 
 def guidance_from_args(args, cfg, n, ncol):
-    """Extension: the labels and scale a conditional model samples with (--class, --guidance),
-    laid out ncol to a row; None for an unconditional model, which has no label to ask for."""
+    """II.2: the labels and scale a conditional model samples with (--class, --guidance), laid
+    out ncol to a row; None for an unconditional model, which has no label to ask for."""
     digit, s = getattr(args, "digit", None), args.guidance
     if not cfg.num_classes:
         if digit is not None or s is not None:
@@ -2350,73 +2054,35 @@ def guidance_from_args(args, cfg, n, ncol):
     labels = digit_rows(n, ncol, cfg.num_classes) if digit in (None, "all") else torch.full((n,), digit)
     return Guidance(labels, DEFAULT_GUIDANCE if s is None else s, cfg.num_classes)
 
-
-def guidance_note(guidance):
-    return "" if guidance is None else f", guidance {guidance.scale:g}"
-
-
 def cmd_sample(args):
     if args.gif and args.format != "png":
         raise UserError("--gif: writes a GIF; leave --format at png")
-    sampler = sampler_from_args(args, DEFAULTS.T)
-    # the output is checked before the model loads: a wrong suffix or folder is caught at once
+    sampler = sampler_from_args(args, PRESETS["paper"].T)
     ext = ".gif" if args.gif else {"png": ".png", "npz": ".npz", "png-dir": ""}[args.format]
     out = args.out or f"samples/{sampler.name}_{sampler.steps}{ext}"
-    if ext and Path(out).suffix.lower() != ext:
-        raise UserError(f"--out {out}: with {'--gif' if args.gif else '--format ' + args.format} the file must end in {ext}")
-    check_out("--out", out, folder=args.format == "png-dir")
-    eps_model, schedule, cfg = load_for_sampling(args, checkpoint_to_sample(args.ckpt))
-    device, t0 = schedule.betas.device, time.time()
-    if args.gif:  # the same seeds as generate(), so a GIF ends on the grid `sample` would draw
-        guide = guidance_from_args(args, cfg, args.n, grid_columns(args.n))
-        if guide:
-            eps_model = guide.eps_model_for(eps_model, device)
-        x_T = torch.randn(args.n, *image_shape(cfg), generator=torch.Generator().manual_seed(args.seed)).to(device)
-        frames = denoising_gif(eps_model, schedule, x_T, sampler, torch.Generator(device).manual_seed(args.seed + 1))
-        save_gif(frames, out)
-        print(f"wrote {out}: {len(frames)} frames, {sampler.name} {sampler.steps} steps{guidance_note(guide)}, "
-              f"{time.time() - t0:.1f} s")
-        return
+    eps_model, schedule, cfg, _ = load_for_sampling(args, out, ext, folder=args.format == "png-dir")
+    device, t0, shape = schedule.betas.device, time.time(), (args.n, *image_shape(cfg))
     guide = guidance_from_args(args, cfg, args.n, grid_columns(args.n))
-    images = generate(eps_model, schedule, sampler, (args.n, *image_shape(cfg)), args.seed, args.batch_size, guide)
+    with blame("--batch-size" if args.n > args.batch_size else "--n", device):
+        if args.gif:  # the seeds of generate(), so a GIF ends on the grid `sample` would draw
+            x_T = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
+            frames = denoising_gif(guide.eps_model_for(eps_model, device) if guide else eps_model, schedule, x_T,
+                                   sampler, torch.Generator(device).manual_seed(args.seed + 1))
+            save_gif(frames, out)
+        else:
+            images = generate(eps_model, schedule, sampler, shape, args.seed, args.batch_size, guide)
+            write_samples(images, out, args.format, guide.labels if guide else None)
     dt = time.time() - t0
-    write_samples(images, out, args.format, guide.labels if guide else None)
-    print(f"wrote {out}: {args.n} samples, {sampler.name} {sampler.steps} steps{guidance_note(guide)}, {dt:.1f} s "
-          f"on {device} ({1e3 * dt / args.n:.1f} ms per sample)")
-
+    print(f"wrote {out}: " + (f"{len(frames)} frames" if args.gif else f"{args.n} samples") +
+          f", {sampler.name} {sampler.steps} steps" + (f", guidance {guide.scale:g}" if guide else "") +
+          f", {dt:.1f} s on {device}" + ("" if args.gif else f" ({1e3 * dt / args.n:.1f} ms per sample)"))
 
 def report_table(r):
-    counts = " ".join(f"{d}:{c}" for d, c in enumerate(r["class_counts"]))
-    lines = [
-        f"{'samples':28} {r['n']}",
-        f"{'FID (classifier features)':28} {r['fid']:.3f}   vs {r['fid_reference']}, N={r['n']}",
-        f"{'FID of real train images':28} {r['fid_real_train']:.3f}   (the floor: N={r['n']} real digits)",
-        f"{'feature extractor':28} {r['feature_extractor']}, test accuracy {100 * r['classifier_test_accuracy']:.2f}%",
-        f"{'confident (p >= 0.9)':28} {100 * r['confident_share']:.2f}%",
-        f"{'rarest / commonest class':28} {100 * r['rarest_share']:.1f}% / {100 * r['commonest_share']:.1f}%",
-        f"{'class counts':28} {counts}",
-        f"{'nearest-train distance':28} samples {r['nn_dist_samples_median']:.3f}, real test digits "
-        f"{r['nn_dist_real_test_median']:.3f} (median L2, pixels in [0, 1], N={r['n_memo']})",
-        f"{'closer than 99% of real':28} {100 * r['share_closer_than_real_p01']:.1f}% of samples "
-        f"(copies would show here)"]
-    if "class_accuracy" in r:                # a conditional model's samples, with the labels asked for
-        how = f", guidance {r['guidance']:g}" if "guidance" in r else ""
-        per_digit = " ".join(f"{d}:{'-' if a is None else f'{100 * a:.0f}%'}"
-                             for d, a in enumerate(r["class_accuracy_per_digit"]))
-        lines += [f"{'class accuracy':28} {100 * r['class_accuracy']:.2f}% of samples are the digit asked for{how}",
-                  f"{'  per digit':28} {per_digit}"]
-    return "\n".join(lines)
-
-
-def evaluate_out(args, ckpt_path):
-    """Where the report goes: --out, else beside what was scored. The committed weights'
-    folder is the project's, so their report goes to the current folder instead."""
-    if args.out:
-        return Path(args.out)
-    if args.samples:
-        return Path(args.samples).with_name("evaluate.json")
-    return Path("evaluate.json") if ckpt_path.resolve() == SHIPPED_CKPT else ckpt_path.with_name("evaluate.json")
-
+    """evaluate's report, a line for each entry, shares in percent."""
+    show = lambda k, v: f"{100 * v:.2f}%" if "share" in k or k.endswith("accuracy") else \
+        " ".join(f"{d}:{'-' if a is None else f'{100 * a:.0f}%'}" for d, a in enumerate(v)) if k.endswith("digit") else \
+        f"{v:.3f}" if isinstance(v, float) else str(v)
+    return f"N={r['n']} samples\n" + "\n".join(f"{k.replace('_', ' '):32} {show(k, v)}" for k, v in r.items())
 
 def only_digits(cfg, ckpt_path):
     """evaluate and compare measure with an MNIST digit classifier; say so for other data."""
@@ -2425,51 +2091,60 @@ def only_digits(cfg, ckpt_path):
                         "classifier; for CIFAR-10 write PNGs (sample --format png-dir --n 50000) and use pytorch-fid "
                         "or clean-fid against the CIFAR-10 training set, as the DDPM paper measured")
 
+def check_classifier(path, inputs):
+    """The classifier is read if it exists (and checked then), else trained and written there."""
+    if any(Path(i).resolve() == Path(path).resolve() for i in inputs if i is not None):
+        raise UserError(f"--classifier {path}: is also another input or output of this command")
+    if not Path(path).exists() and Path(path).suffix != ".pt":
+        raise UserError(f"--classifier {path}: must end in .pt, the classifier this writes on first use")
 
 def cmd_evaluate(args):
-    sampler = sampler_from_args(args, DEFAULTS.T)
-    ckpt_path = None if args.samples else checkpoint_to_sample(args.ckpt)
-    out = evaluate_out(args, ckpt_path)
-    check_out("--out", out)
+    if args.n < 2:
+        raise UserError(f"--n {args.n}: FID fits a covariance, which needs at least 2 samples")
+    sampler = sampler_from_args(args, PRESETS["paper"].T)
     device = resolve_device(args.device)
     if args.samples:
         if args.guidance is not None or args.weights != "ema":
-            raise UserError(f"{'--guidance' if args.guidance is not None else '--weights'}: with --samples nothing is "
-                            "sampled; leave it out")
-        samples = read_samples(args.samples)
-        labels = read_labels(args.samples, len(samples))
+            raise UserError(f"{'--guidance' if args.guidance is not None else '--weights'}: with --samples nothing "
+                            "is sampled; leave it out")
+        out = Path(args.out or Path(args.samples).with_name("evaluate.json"))   # the report goes beside what it scores
+        check_out("--out", out, ".json", [args.samples, args.classifier])
+        check_classifier(args.classifier, [args.samples, out])
+        samples, labels = read_samples(args.samples)
         source = dict(samples_from=f"read from {args.samples}", samples_file=str(args.samples))
-    else:
-        eps_model, schedule, cfg = load_for_sampling(args, ckpt_path)
-        only_digits(cfg, ckpt_path)
+    else:           # the committed weights' folder is the project's: their report goes to the current folder
+        path = checkpoint_to_sample(args.ckpt)
+        out = Path(args.out or ("evaluate.json" if path.resolve() == SHIPPED_CKPT else path.with_name("evaluate.json")))
+        check_classifier(args.classifier, [path, out])
+        eps_model, schedule, cfg, _ = load_for_sampling(args, out, ".json", [args.classifier])
+        only_digits(cfg, path)
         guide = guidance_from_args(args, cfg, args.n, 1)       # conditional: digits 0-9 in turn
-        load_mnist(args.data_dir, train=True)                 # fail now, not after sampling
+        read_data(cfg, args.data_dir)                         # fail now, not after sampling
         t0 = time.time()
-        samples = generate(eps_model, schedule, sampler, (args.n, *image_shape(cfg)), args.seed, args.batch_size,
-                           guide)
+        with blame("--batch-size", device):
+            samples = generate(eps_model, schedule, sampler, (args.n, *image_shape(cfg)), args.seed, args.batch_size,
+                               guide)
         labels = guide.labels if guide else None
-        source = dict(samples_from=f"{sampler.name} {sampler.steps} steps, eta {sampler.eta}{guidance_note(guide)}, "
-                                   f"{args.weights} weights, {time.time() - t0:.0f} s on {device}",
-                      ckpt=str(ckpt_path), **({"guidance": guide.scale} if guide else {}))
+        source = dict(samples_from=f"{sampler.name} {sampler.steps} steps, eta {sampler.eta}" + (
+            f", guidance {guide.scale:g}" if guide else "") + f", {args.weights} weights, {time.time() - t0:.0f} s on "
+            f"{device}", ckpt=str(path), **({"guidance": guide.scale} if guide else {}))
     clf, cache = classifier_cache(args.classifier, args.data_dir, device)
-    r = evaluate_samples(samples, clf, cache, args.data_dir, device, args.seed, labels)
-    r.update(source)
+    r = dict(evaluate_samples(samples, clf, cache, args.data_dir, device, args.seed, labels), **source)
     print(report_table(r))
     save_text(json.dumps(r, indent=2) + "\n", out)
     print(f"wrote {out}")
-
 
 COMPARE = (("DDPM 1000", Sampler("ddpm", 1000)), ("DDIM 10", Sampler("ddim", 10)),
            ("DDIM 20", Sampler("ddim", 20)), ("DDIM 50", Sampler("ddim", 50)),
            ("DDIM 100", Sampler("ddim", 100)), ("DDIM 50, eta 1", Sampler("ddim", 50, eta=1.0)))
 
-
 def cmd_compare(args):
+    """Samplers, or with --guidance guidance scales (II.2), from the same x_T and labels: a
+    table of scores and a picture of the first samples of each."""
     out = args.out or ("samples/guidance.png" if args.guidance else "samples/compare.png")
-    check_out("--out", out)
-    ckpt_path = checkpoint_to_sample(args.ckpt)
-    eps_model, schedule, cfg = load_for_sampling(args, ckpt_path)
-    only_digits(cfg, ckpt_path)
+    check_classifier(args.classifier, [checkpoint_to_sample(args.ckpt), out])
+    eps_model, schedule, cfg, path = load_for_sampling(args, out, ".png", [args.classifier])
+    only_digits(cfg, path)
     if args.guidance and not cfg.num_classes:
         raise UserError("--guidance: this checkpoint is unconditional (trained without --cond), so it has no "
                         "guidance to compare")
@@ -2478,134 +2153,75 @@ def cmd_compare(args):
                         f"{cfg.num_classes} classes, --n {2 * cfg.num_classes} or more")
     device = schedule.betas.device
     clf, cache = classifier_cache(args.classifier, args.data_dir, device)
-    if args.guidance:
-        return compare_guidance(args, eps_model, schedule, cfg, clf, cache, out)
-    # a conditional model is compared at the default guidance, asked for digits 0-9 in turn
-    guide = Guidance(digit_rows(args.n, 1, cfg.num_classes), DEFAULT_GUIDANCE, cfg.num_classes) \
-        if cfg.num_classes else None
+    labels = digit_rows(args.n, 1, cfg.num_classes) if cfg.num_classes else None   # digits 0-9 in turn
     rows, firsts = [], []
-    for name, sampler in COMPARE:
+    for name, sampler, s in [(f"{s:g}", Sampler(), s) for s in args.guidance or []] or \
+            [(name, s, DEFAULT_GUIDANCE) for name, s in COMPARE]:
         t0 = time.time()
-        images = generate(eps_model, schedule, sampler, (args.n, *image_shape(cfg)), args.seed, args.batch_size,
-                          guide)
-        dt = time.time() - t0
+        with blame("--batch-size", device):
+            images = generate(eps_model, schedule, sampler, (args.n, *image_shape(cfg)), args.seed, args.batch_size,
+                              None if labels is None else Guidance(labels, s, cfg.num_classes))
         feats, probs = classify(clf, images, device)
-        rows.append(dict(sampler=name, fid=frechet_distance(*gaussian_fit(feats), cache["test_mu"], cache["test_sigma"]),
-                         ms_per_sample=1e3 * dt / args.n, **class_stats(probs)))
-        firsts.append(images[:10])
-    print(f"N={args.n} per sampler, seed {args.seed}, same x_T for all{guidance_note(guide)}; "
-          "FID in classifier features vs MNIST test")
-    print(f"{'sampler':16} {'FID':>8} {'confident':>9} {'rarest':>7} {'ms/sample':>10}")
-    for r in rows:
-        print(f"{r['sampler']:16} {r['fid']:8.3f} {100 * r['confident_share']:8.1f}% {100 * r['rarest_share']:6.1f}% "
-              f"{r['ms_per_sample']:10.2f}")
-    save_png(labeled_grid(torch.stack(firsts), row_labels=[r["sampler"] for r in rows]), out)
+        rows.append(dict(name=name, fid=fid(feats, cache), ms=1e3 * (time.time() - t0) / args.n, **class_stats(probs),
+                         **(class_accuracy(probs, labels) if labels is not None else {})))
+        rows[-1]["spread"] = same_digit_distance(images, labels) if args.guidance else None
+        firsts.append(images[:cfg.num_classes if args.guidance else 10])
+    print(f"N={args.n} per row, seed {args.seed}, the same x_T" + (" and labels (digits 0-9 in turn)" if labels is
+          not None else "") + "; FID in classifier features vs MNIST test" + (
+          f"; DDIM-{DDIM_STEPS}; spread: mean distance between two samples of a digit" if args.guidance else ""))
+    if args.guidance:
+        print(f"{'guidance':>8} {'FID':>8} {'class acc':>9} {'confident':>9} {'spread':>7}")
+        print("\n".join(f"{r['name']:>8} {r['fid']:8.3f} {100 * r['class_accuracy']:8.1f}% "
+                        f"{100 * r['confident_share']:8.1f}% {r['spread']:7.3f}" for r in rows))
+        picture = labeled_grid(torch.stack(firsts, dim=1), row_labels=range(cfg.num_classes),   # (digits, scales, ...)
+                               col_labels=[f"s={r['name']}" for r in rows])
+    else:
+        print(f"{'sampler':16} {'FID':>8} {'confident':>9} {'rarest':>7} {'ms/sample':>10}")
+        print("\n".join(f"{r['name']:16} {r['fid']:8.3f} {100 * r['confident_share']:8.1f}% "
+                        f"{100 * r['rarest_share']:6.1f}% {r['ms']:10.2f}" for r in rows))
+        picture = labeled_grid(torch.stack(firsts), row_labels=[r["name"] for r in rows])
+    save_png(picture, out)
     print(f"wrote {out}")
-
-
-def compare_guidance(args, eps_model, schedule, cfg, clf, cache, out):
-    """Extension: the classifier-free guidance trade-off. The same x_T and labels (digits
-    0-9 in turn) at every scale; per scale FID, class accuracy, confident share, and the
-    spread of each digit's samples. The picture: one row per digit, one column per scale."""
-    labels = digit_rows(args.n, 1, cfg.num_classes)
-    rows, firsts = [], []
-    for s in args.guidance:
-        images = generate(eps_model, schedule, Sampler(), (args.n, *image_shape(cfg)), args.seed, args.batch_size,
-                          Guidance(labels, s, cfg.num_classes))
-        feats, probs = classify(clf, images, device=schedule.betas.device)
-        rows.append(dict(guidance=s, fid=frechet_distance(*gaussian_fit(feats), cache["test_mu"], cache["test_sigma"]),
-                         **class_accuracy(probs, labels), **class_stats(probs),
-                         same_digit_distance=same_digit_distance(images, labels)))
-        firsts.append(images[:cfg.num_classes])                        # digits 0-9, the same x_T at every scale
-    print(f"N={args.n} per scale (digits 0-9 in turn), seed {args.seed}, DDIM-{DDIM_STEPS}, same x_T and labels "
-          "for all; FID in classifier features vs MNIST test; spread: mean distance between two samples of a digit")
-    print(f"{'guidance':>8} {'FID':>8} {'class acc':>9} {'confident':>9} {'spread':>7}")
-    for r in rows:
-        print(f"{r['guidance']:8g} {r['fid']:8.3f} {100 * r['class_accuracy']:8.1f}% {100 * r['confident_share']:8.1f}% "
-              f"{r['same_digit_distance']:7.3f}")
-    cells = torch.stack(firsts, dim=1)                                  # (digits, scales, H, W)
-    save_png(labeled_grid(cells, row_labels=range(cfg.num_classes), col_labels=[f"s={s:g}" for s in args.guidance]), out)
-    print(f"wrote {out}")
-
 
 def cmd_bench(args):
-    cfg = PRESETS[args.preset]
-    cfg = replace(cfg, precision=args.precision, **({"channels": args.channels} if args.channels else {}))
-    bench(cfg, resolve_device(args.device), args.batch_size, args.reps, args.compile, args.recompute_schedule)
-
+    cfg = replace(PRESETS[args.preset], precision=args.precision, batch_size=args.batch_size,
+                  **({"channels": args.channels} if args.channels else {}))
+    device = resolve_device(args.device)
+    with blame("--batch-size", device):
+        bench(cfg, device, args.reps, ["eager"] + ["compiled"] * args.compile +
+              ["compiled + graph" if args.compile else "graph"] * args.cuda_graph)
 
 def some_digits(args):
     """--n training digits picked by --seed."""
-    images, _ = load_mnist(args.data_dir, train=True)
+    images, _ = read_data(RunConfig(), args.data_dir)
     return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:args.n]]
 
-
 def cmd_forward(args):
-    check_out("--out", args.out)
-    schedule = make_schedule(replace(DEFAULTS, schedule=args.schedule))
-    save_png(forward_picture(some_digits(args), schedule, seed=args.seed), args.out)
+    check_out("--out", args.out, ".png")
+    save_png(forward_picture(some_digits(args), make_schedule(RunConfig(schedule=args.schedule)), seed=args.seed),
+             args.out)
     print(f"wrote {args.out}: {args.n} digits at t = {', '.join(map(str, FORWARD_T))}, {args.schedule} schedule")
 
-
-def cmd_schedule(args):
-    check_out("--out", args.out)
-    schedules = {k: make_schedule(replace(DEFAULTS, schedule=k)) for k in SCHEDULES}
-    save_png(schedule_picture(some_digits(args), schedules, seed=args.seed), args.out)
-    print(f"wrote {args.out}: {', '.join(SCHEDULES)}; {args.n} digits at t = {', '.join(map(str, FORWARD_T))}")
-
-
-def cmd_interpolate(args):
-    check_out("--out", args.out)
-    eps_model, schedule, cfg = load_for_sampling(args, checkpoint_to_sample(args.ckpt))
-    x_T = interpolation_noise(args.rows, args.cols, args.seed, image_shape(cfg)).to(schedule.betas.device)
-    guide = guidance_from_args(args, cfg, args.rows * args.cols, args.cols)     # conditional: a digit per row
-    if guide:
-        eps_model = guide.eps_model_for(eps_model, x_T.device)
-    x0 = ddim_sample(eps_model, schedule, x_T, steps=args.steps)        # eta = 0: a function of x_T
-    cells = to_uint8(x0).cpu().unflatten(0, (args.rows, args.cols))          # (rows, cols, H, W[, 3])
-    save_png(labeled_grid(cells), args.out)
-    print(f"wrote {args.out}: {args.rows} rows of {args.cols}, DDIM {args.steps} steps")
-
-
-def cmd_progress(args):
-    try:
-        epochs = [int(e) for e in args.epochs.split(",")]
-    except ValueError:
-        raise UserError(f"--epochs {args.epochs}: need a comma-separated list of integers") from None
-    if not list(Path(args.run_dir).glob("grid_epoch*.png")):
-        raise UserError(f"--run-dir {args.run_dir}: holds no grid_epochNNN.png (train writes one per epoch)")
-    check_out("--out", args.out)
-    img, chosen = progress_picture(args.run_dir, epochs, args.n)
-    save_png(img, args.out)
-    print(f"wrote {args.out}: epochs {', '.join(map(str, chosen))}")
-
-
 def cmd_export(args):
-    out = Path(args.out)
-    if out.suffix != ".pt":
-        raise UserError(f"--out {out}: must end in .pt")
-    # an export holds no optimizer state: written over its own checkpoint, training could
-    # never resume, so that one path is refused
-    if out.exists() and out.resolve() == Path(args.ckpt).resolve():
-        raise UserError(f"--out {out}: is the --ckpt itself; writing over it would lose the training state")
-    check_out("--out", out)
-    model, cfg = model_from_checkpoint(load_checkpoint(args.ckpt))   # checks the weights fit the config
+    check_out("--out", args.out, ".pt", [args.ckpt])
+    ckpt = load_checkpoint(args.ckpt)
+    model, cfg = model_from_checkpoint(ckpt)                 # checks the weights fit the config
     # fp16 keeps 11 bits of mantissa; the weights of a trained net lie far inside its range
-    ema = {k: v.half() for k, v in model.state_dict().items()}
-    atomic_write(out, lambda f: torch.save({"ema": ema, "config": asdict(cfg)}, f))
-    print(f"wrote {out}: {count_params(model):,} EMA weights in fp16, {out.stat().st_size / 1e6:.1f} MB")
-
+    record = dict(ema={k: v.half() for k, v in model.state_dict().items()}, config=asdict(cfg),
+                  trained=training_record(ckpt, cfg))
+    atomic_write(args.out, lambda f: torch.save(record, f))
+    print(f"wrote {args.out}: {count_params(model):,} EMA weights in fp16, {Path(args.out).stat().st_size / 1e6:.1f} "
+          f"MB; {trained_note(record['trained'])}")
 
 def main(argv=None):
-    """Parse, run the subcommand, and turn every UserError into one line and exit code 2:
-    bad input never shows a traceback."""
+    """Parse, run the command, and turn every UserError into one line and exit code 2: bad
+    input never shows a traceback."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-
 
 if __name__ == "__main__":
     main()

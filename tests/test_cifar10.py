@@ -47,7 +47,7 @@ def test_cifar10_trains_and_samples_in_colour(cifar_dir, tmp_path):
     cfg = ck["config"]
     assert (cfg["dataset"], tuple(cfg["attn_sizes"]), cfg["dropout"], cfg["hflip"]) == ("cifar10", (16,), 0.1, True)
     assert ck["step"] == 5 and ck["model"]["stem.weight"].shape == (8, 3, 3, 3)
-    assert any(k.startswith("attn.enc1_") for k in ck["model"])
+    assert any(k.startswith("enc.1.0.attn.") for k in ck["model"])        # attention at 16 px
     assert Image.open(run / "grid_epoch001.png").mode == "RGB"
     base = ["sample", "--ckpt", str(run / "ckpt.pt"), "--steps", "2", "--n", "3", "--device", "cpu"]
     dm.main(base + ["--format", "npz", "--out", str(tmp_path / "s.npz")])
@@ -61,9 +61,6 @@ def test_cifar10_trains_and_samples_in_colour(cifar_dir, tmp_path):
     first = Image.open(tmp_path / "pngs" / "000000.png")
     assert first.mode == "RGB" and np.array_equal(np.array(first), a[0])
     dm.main(base + ["--gif", "--out", str(tmp_path / "s.gif")])
-    dm.main(["interpolate", "--ckpt", str(run / "ckpt.pt"), "--rows", "1", "--cols", "3", "--steps", "2",
-             "--out", str(tmp_path / "i.png"), "--device", "cpu"])
-    assert Image.open(tmp_path / "i.png").mode == "RGB"
     dm.main(["export", "--ckpt", str(run / "ckpt.pt"), "--out", str(tmp_path / "w.pt")])
     model, back = dm.model_from_checkpoint(dm.load_checkpoint(tmp_path / "w.pt"))
     assert back.dataset == "cifar10" and model(torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long)).shape \
@@ -74,9 +71,10 @@ def test_cifar10_trains_and_samples_in_colour(cifar_dir, tmp_path):
 
 
 def test_unet_at_32_px_with_attention():
-    net = dm.UNet((8, 8, 16, 16), 1, in_channels=3, size=32, attn_sizes=(16,), dropout=0.1)
+    net = dm.CifarUNet((8, 8, 16, 16), 1, attn_sizes=(16,), dropout=0.1)
     assert net.sizes == [32, 16, 8, 4]
-    assert sorted(net.attn) == ["dec1_0", "enc1_0"]
+    # one attention after each block of the 16 px level, on the way down and on the way up
+    assert sorted(n for n, m in net.named_modules() if isinstance(m, dm.SelfAttention)) == ["dec.1.0.attn", "enc.1.0.attn"]
     out = net(torch.randn(2, 3, 32, 32), torch.tensor([0, 999]))
     assert out.shape == (2, 3, 32, 32)
 
@@ -106,7 +104,7 @@ def test_flips_mirror_whole_images_along_the_width():
 
 
 def test_the_mnist_network_is_unchanged():
-    net = dm.make_unet(dm.Config())
+    net = dm.make_unet(dm.RunConfig())
     assert sum(p.numel() for p in net.parameters()) == 11_595_521
     assert not [k for k in net.state_dict() if "attn" in k or "dropout" in k]
     assert not dm.PRESETS["paper"].hflip and dm.PRESETS["paper"].attn_sizes == ()

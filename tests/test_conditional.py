@@ -1,6 +1,7 @@
 """Extension: class conditioning and classifier-free guidance, against hand computations,
 on the tiny synthetic digits."""
 import math
+import types
 
 import numpy as np
 import pytest
@@ -33,21 +34,30 @@ def test_label_dropout_share_is_within_binomial_bounds():
     assert torch.equal(dm.drop_labels(y, 0.0, 10, torch.Generator()), y)
 
 
-def test_conditional_loss_uses_the_dropped_labels_and_the_same_t_and_eps(mnist_dir):
-    """With labels the loss calls eps_model(x_t, t, y); t and eps come from the generator
-    exactly as without labels, so dropping labels first only appends draws."""
+def test_conditional_loss_hands_the_labels_to_the_network_and_draws_as_without_them():
+    """With labels the loss calls eps_model(x_t, t, y); the batch's t and eps come from the
+    generator exactly as without labels, and the labels are dropped before them."""
     seen = {}
 
     def stand_in(x, t, y=None):
         seen["y"] = y
         return torch.zeros_like(x)
     x0 = torch.zeros(6, 1, 28, 28)
-    schedule = dm.make_schedule(dm.Config())
+    schedule = dm.make_schedule(dm.RunConfig())
+    b = dm.draw_batch(x0, schedule.T, torch.Generator().manual_seed(3))
     y = torch.tensor([1, 2, 3, 10, 10, 4])
-    _, t_cond, _ = dm.diffusion_loss(stand_in, schedule, x0, torch.Generator().manual_seed(3), y=y)
+    loss, _ = dm.conditional_loss(stand_in, schedule, dm.LabelledBatch(b.x0, b.t, b.eps, y))
     assert torch.equal(seen["y"], y)
-    _, t_plain, _ = dm.diffusion_loss(stand_in, schedule, x0, torch.Generator().manual_seed(3))
-    assert seen["y"] is None and torch.equal(t_cond, t_plain)
+    assert torch.equal(loss, dm.diffusion_loss(stand_in, schedule, b)[0])
+    # a conditional run's draw: labels dropped first, then the same t and eps as a plain draw
+    cfg = dm.RunConfig(num_classes=10, p_uncond=0.5)
+    p = types.SimpleNamespace(gen=torch.Generator().manual_seed(5), schedule=schedule)
+    data, labels = torch.zeros(6, 28, 28, dtype=torch.uint8), torch.arange(6)
+    lb = dm.training_draw(cfg, data, labels, p)(torch.arange(6))
+    g = torch.Generator().manual_seed(5)
+    dropped = dm.drop_labels(labels, 0.5, 10, g)
+    plain = dm.draw_batch(dm.to_model_range(data), schedule.T, g)
+    assert torch.equal(lb.y, dropped) and torch.equal(lb.t, plain.t) and torch.equal(lb.eps, plain.eps)
 
 
 # --- the network ----------------------------------------------------------------------
@@ -56,7 +66,7 @@ def test_the_unconditional_network_is_unchanged_and_the_conditional_adds_one_emb
     plain = dm.UNet()
     assert dm.count_params(plain) == 11_595_521                        # the case study's network
     assert not any("label" in k for k in plain.state_dict())
-    cond = dm.make_unet(dm.Config(num_classes=10))
+    cond = dm.make_unet(dm.RunConfig(num_classes=10))
     extra = set(cond.state_dict()) - set(plain.state_dict())
     assert extra == {"label_emb.weight"}
     assert dm.count_params(cond) - dm.count_params(plain) == 11 * 4 * 64   # 10 digits + null, t_dim wide
@@ -64,7 +74,7 @@ def test_the_unconditional_network_is_unchanged_and_the_conditional_adds_one_emb
 
 def test_the_conditional_output_depends_on_y_and_no_label_is_the_null_label():
     torch.manual_seed(0)
-    net = dm.UNet(channels=(8, 8, 16, 16), num_classes=10).eval()
+    net = dm.ConditionalUNet(channels=(8, 8, 16, 16), num_classes=10).eval()
     x, t = torch.randn(2, 1, 28, 28), torch.tensor([500, 500])
     a, b = net(x, t, torch.tensor([3, 3])), net(x, t, torch.tensor([7, 7]))
     assert (a - b).abs().max() > 1e-4
@@ -182,8 +192,9 @@ BAD_COND = [
     ("sample", "--guidance", "2"),
     ("sample", "--class", "10"),
     ("sample", "--guidance", "-1"),
-    ("interpolate", "--class", "3"),
+    ("compare", "--guidance", "0,1001"),
     ("evaluate", "--guidance", "2"),
+    ("sample", "--ckpt", "runs/cond/ckpt.pt", "--guidance", "1001"),
     ("compare", "--guidance", "0,1"),
     ("compare", "--guidance", "1,-2"),
     ("compare", "--ckpt", "runs/cond/ckpt.pt", "--guidance", "0,1", "--n", "10"),   # not 2 of every digit

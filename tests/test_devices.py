@@ -1,4 +1,5 @@
 """Precision by card and several processes through torchrun, all on the CPU."""
+import math
 import subprocess
 import sys
 
@@ -29,25 +30,25 @@ def test_auto_precision_on_mps_and_cpu(monkeypatch):
         assert dm.choose_precision(torch.device("cpu"), name)[0] == dtype
 
 
-def tiny_parts(precision, init_scale=2.0 ** 16):
-    torch.manual_seed(0)
-    cfg = dm.Config(channels=TINY, lr=1e-3, precision=precision)
-    p = dm.build(cfg, torch.device("cpu"))
-    p.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, enabled=precision == "fp16")
-    return p, cfg
+def fp16_steps(precision, steps, init_scale=2.0 ** 16):
+    """A tiny run's first `steps` losses in a precision, with fp16's scaler as build_run makes it."""
+    cfg = dm.RunConfig(channels=TINY, lr=1e-3, precision=precision, batch_size=16, epochs=steps)
+    p, loss_fn = dm.build_run(cfg, torch.device("cpu"))
+    if precision == "fp16":
+        p.opt.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        loss_fn = dm.scale_loss(dm.diffusion_loss, p.opt.scaler)
+    data = (torch.rand(16, 28, 28, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    losses = []
+    dm.train(cfg, data, p, on_step=lambda step, loss, t, err: losses.append(loss.item()), loss_fn=loss_fn)
+    return p, losses
 
 
 def test_fp16_with_the_scaler_follows_fp32():
     """Five steps from the same weights and draws: fp16 autocast losses within 2% of fp32
     (fp16 keeps 11 bits of mantissa), and the scaler really scaled."""
-    x0 = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    runs = {}
-    for precision in ("fp32", "fp16"):
-        p, cfg = tiny_parts(precision)
-        g = torch.Generator().manual_seed(2)
-        runs[precision] = [dm.train_step(p, x0, g, n, cfg)[0].item() for n in range(5)]
-        if precision == "fp16":
-            assert p.scaler.is_enabled() and p.scaler.get_scale() > 1
+    runs = {precision: fp16_steps(precision, 5)[1] for precision in ("fp32", "fp16")}
+    p, _ = fp16_steps("fp16", 1)
+    assert isinstance(p.opt, dm.ScaledOptimizer) and p.opt.scaler.is_enabled() and p.opt.scaler.get_scale() > 1
     for a, b in zip(runs["fp32"], runs["fp16"]):
         assert abs(a - b) < 0.02 * a, runs
     assert runs["fp32"] != runs["fp16"]
@@ -56,11 +57,10 @@ def test_fp16_with_the_scaler_follows_fp32():
 def test_a_skipped_scaler_step_changes_nothing_and_does_not_stop_training(mnist_dir, tmp_path):
     """A scale of 2^120 overflows the fp16 gradients: the scaler skips that step (the weights
     stay) and halves the scale; the loss itself is finite, so the NaN stop must not fire."""
-    p, cfg = tiny_parts("fp16", init_scale=2.0 ** 120)
-    before = [w.clone() for w in p.model.parameters()]
-    x0 = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    loss = dm.train_step(p, x0, torch.Generator().manual_seed(2), 0, cfg)[0]
-    assert torch.isfinite(loss) and p.scaler.get_scale() == 2.0 ** 119
+    torch.manual_seed(0)
+    before = [w.clone() for w in dm.UNet(TINY).parameters()]
+    p, losses = fp16_steps("fp16", 1, init_scale=2.0 ** 120)
+    assert all(map(math.isfinite, losses)) and p.opt.scaler.get_scale() == 2.0 ** 119
     assert all(torch.equal(a, b) for a, b in zip(before, p.model.parameters()))
     # a whole run in fp16 on the CPU: every step that overflows is skipped, training goes on
     run = tmp_path / "fp16"
@@ -119,12 +119,12 @@ def test_bad_input_under_torchrun_stops_every_process_with_one_line(mnist_dir, t
 def test_more_processes_than_cards_is_refused_before_joining(monkeypatch):
     """What each of 4 torchrun processes on a 2-card machine checks first."""
     import argparse
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    for k, v in dict(WORLD_SIZE="4", LOCAL_WORLD_SIZE="4", MASTER_ADDR="localhost", TORCHELASTIC_RUN_ID="x").items():
+        monkeypatch.setenv(k, v)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     args = argparse.Namespace(device="cuda", data_dir="data")
     with pytest.raises(dm.UserError, match="--device cuda: 4 processes on this machine but 2 visible"):
-        dm.start_processes(args, dm.Config())
+        dm.start_processes(args, dm.RunConfig())
     with pytest.raises(dm.UserError, match="--batch-size 126: must divide evenly over the 4"):
-        dm.start_processes(args, dm.Config(batch_size=126))
+        dm.start_processes(args, dm.RunConfig(batch_size=126))

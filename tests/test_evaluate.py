@@ -59,7 +59,8 @@ def test_npz_and_png_dir_exports_round_trip_exactly(tiny_run, tmp_path):
     pngs = sorted((tmp_path / "pngs").iterdir())
     assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(5)]
     assert np.array_equal(np.stack([np.array(Image.open(p)) for p in pngs]), a)
-    assert np.array_equal(dm.read_samples(tmp_path / "s.npz").numpy(), a)
+    images, labels = dm.read_samples(tmp_path / "s.npz")
+    assert np.array_equal(images.numpy(), a) and labels is None
 
 
 def test_evaluate_end_to_end(tiny_run, mnist_dir, classifier, tmp_path, capsys):

@@ -50,18 +50,6 @@ def test_sampling_without_a_run_uses_the_committed_weights_and_says_so(tmp_path)
     assert r.returncode == 2 and "nope.pt" in r.stderr and not (tmp_path / "y.png").exists()
 
 
-def test_progress_copes_with_grids_narrower_than_n(mnist_dir, tmp_path):
-    run = tmp_path / "narrow"
-    dm.main(["train", *TINY_ARGS, "--grid-n", "3", "--epochs", "2", "--data-dir", str(mnist_dir),
-             "--run-dir", str(run)])
-    out = tmp_path / "p.png"
-    dm.main(["progress", "--run-dir", str(run), "--n", "8", "--out", str(out)])
-    cell = 28 * 2 + 2
-    w, h = Image.open(out).size
-    assert h == 2 + 2 * cell                            # two epochs, one row each
-    assert w - 3 * cell - 2 < 80                        # three cells, not eight
-
-
 def test_evaluate_of_an_npz_reports_beside_it_and_names_no_checkpoint(tiny_run, mnist_dir, classifier, tmp_path):
     """The default checkpoint exists in the folder, yet the report is about the file."""
     (tmp_path / "runs").mkdir()
@@ -195,15 +183,3 @@ def test_resuming_a_finished_run_is_one_line(tiny_run, mnist_dir, tmp_path):
     (run / "ckpt.pt").write_bytes((tiny_run / "ckpt.pt").read_bytes())
     r = cli("train", "--run-dir", run, "--resume", "--device", "cpu", "--data-dir", mnist_dir)
     assert r.returncode == 2 and "step 16 already" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-
-
-def test_progress_skips_stray_files_and_unknown_schedules_are_refused(tiny_run, tmp_path):
-    run = tmp_path / "r"
-    run.mkdir()
-    for name in ("grid_epoch001.png", "grid_epoch002.png", "config.json"):
-        (run / name).write_bytes((tiny_run / name).read_bytes())
-    (run / "grid_epoch_old.png").write_bytes((tiny_run / "grid_epoch001.png").read_bytes())
-    dm.main(["progress", "--run-dir", str(run), "--out", str(tmp_path / "p.png")])
-    assert Image.open(tmp_path / "p.png").size[1] == 2 + 2 * (28 * 2 + 2)
-    with pytest.raises(ValueError, match="quadratic"):
-        dm.make_betas(1000, 1e-4, 0.02, "quadratic")
