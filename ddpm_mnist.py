@@ -572,21 +572,11 @@ def min_snr_loss(gamma, loss_fn=diffusion_loss):
 # =============================================================================
 # PART III: THE TOOL
 #
-# Parts I and II are the model; this part makes it a tool: a run's config and files,
-# exact resume, precision and the fast paths, several processes, sampling to files,
-# evaluation, pictures, bench and the command line. None of it changes what is computed.
+# Parts I and II are the model; this part makes it a tool: a run's config and files, exact
+# resume, precision and the fast paths, several processes, sampling to files, evaluation,
+# pictures, bench and the command line. None of it changes what is computed.
 # =============================================================================
-import argparse
-import contextlib
-import csv
-import io
-import json
-import os
-import pickle
-import signal
-import sys
-import time
-import warnings
+import argparse, contextlib, csv, io, json, os, pickle, signal, sys, time, warnings   # the tool's, not the DDPM's
 from dataclasses import asdict, field, fields, replace
 from pathlib import Path
 
@@ -601,8 +591,8 @@ def note(text):
     print(text, file=sys.stderr)
 
 # -----------------------------------------------------------------------------
-# III.1 What a run records: the case study's Config, each extension's switch and the
-# tool's settings. Flags and configs read from files are held to the same RANGES.
+# III.1 What a run records: the case study's Config, each extension's switch and the tool's
+# settings. The flags and every config read from a file are held to the same RANGES.
 
 @dataclass
 class RunConfig(Config):
@@ -635,8 +625,7 @@ IMAGE_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}   # (C, H, W) of e
 TRAIN_IMAGES = {"mnist": 60_000, "cifar10": 50_000}
 NUM_CLASSES = 10                 # digits 0-9, or CIFAR-10's ten classes: what --cond conditions on
 CHOICES = dict(dataset=tuple(IMAGE_SHAPES), schedule=("linear", "cosine"), lr_schedule=("constant", "cosine"),
-               precision=("auto", "bf16", "fp16", "fp32"),
-               preset=tuple(PRESETS))
+               precision=("auto", "bf16", "fp16", "fp32"), preset=tuple(PRESETS))
 # (kind, lowest, highest) of every number a flag or a config may hold; "float>" excludes the lowest
 RANGES = dict(T=("int", 2, 10_000), beta_1=("float>", 0, 1), beta_T=("float>", 0, 1), num_res_blocks=("int", 1, 8),
               lr=("float>", 0, 3.4e38), weight_decay=("float", 0, 10), batch_size=("int", 1, 1_000_000),
@@ -645,20 +634,16 @@ RANGES = dict(T=("int", 2, 10_000), beta_1=("float>", 0, 1), beta_T=("float>", 0
               min_snr_gamma=("float", 0, 1e6), grid_n=("int", 0, 1024), channel=("int", 8, 1024),
               steps=("int", 1, 1000), eta=("float", 0, 1), guidance=("float", 0, 1000), n=("int", 1, 10 ** 6),
               max_minutes=("float>", 0, 10 ** 7), max_steps=("int", 1, 10 ** 12), ckpt_every=("int", 0, 10 ** 12),
-              reps=("int", 1, 1000), rows=("int", 1, 16))
-
-def range_text(name):
-    kind, lo, hi = RANGES[name]
-    return ("an integer" if kind == "int" else "a number") + \
-        (f" above {lo} and at most {hi}" if kind == "float>" else f" from {lo} to {hi}")
+              reps=("int", 1, 1000), digits=("int", 1, 16))
 
 def check_number(name, v, what):
-    """v held to RANGES[name]; `what` names the flag or the file in the one-line refusal."""
+    """v held to RANGES[name]; `what` names the flag or the file, and the value, in the refusal."""
     kind, lo, hi = RANGES[name]
     is_int = isinstance(v, int) and not isinstance(v, bool)
     if not (is_int if kind == "int" else (is_int or isinstance(v, float)) and math.isfinite(v)) or \
             v > hi or v < lo or (kind == "float>" and v == lo):
-        raise UserError(f"{what} {v!r}: need {range_text(name)}")
+        raise UserError(f"{what}: need {'an integer' if kind == 'int' else 'a number'} "
+                        + (f"above {lo} and at most {hi}" if kind == "float>" else f"from {lo} to {hi}"))
     return v
 
 def check_channels(channels, what="--channels"):
@@ -666,17 +651,17 @@ def check_channels(channels, what="--channels"):
             any(isinstance(c, bool) or not isinstance(c, int) or c % GROUPS for c in channels):
         raise UserError(f"{what} {channels!r}: need 4 widths (one per level: 28, 14, 7, 3 px for MNIST), "
                         f"each a multiple of {GROUPS} (the GroupNorm groups)")
-    return tuple(check_number("channel", c, f"{what} {','.join(map(str, channels))}: width") for c in channels)
+    return tuple(check_number("channel", c, f"{what} {','.join(map(str, channels))}: width {c}") for c in channels)
 
 def config_from_dict(d, where):
-    """A RunConfig from a checkpoint's or config.json's dict, every value held to what the
-    flags allow before a network is sized from it. Unknown keys are ignored and missing ones
-    take the case study's values, so older files still load."""
+    """A RunConfig from a checkpoint's or config.json's dict, every value held to what the flags
+    allow before a network is sized from it. Unknown keys are ignored and missing ones take the
+    case study's values, so older files still load."""
     if not isinstance(d, dict):
         raise UserError(f"{where}: its config is {type(d).__name__}, not a dict of settings")
     cfg = RunConfig(**{k: v for k, v in d.items() if k in {f.name for f in fields(RunConfig)}})
     for name in RANGES.keys() & d.keys():
-        check_number(name, d[name], f"{where}: config {name}")
+        check_number(name, d[name], f"{where}: config {name} {d[name]!r}")
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise UserError(f"{where}: config {name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
@@ -713,8 +698,8 @@ def departures(cfg):
 # III.2 Files that survive a kill at any instant and never replace what is not theirs.
 
 def atomic_write(path, write):
-    """write(f) into a temporary file beside `path`, fsync it, then rename it over `path`:
-    a kill at any instant leaves the old file or the new one, never half of one."""
+    """write(f) into a temporary file beside `path`, fsync it, then rename it over `path`: a kill
+    at any instant leaves the old file or the new one, never half of one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -726,10 +711,10 @@ def atomic_write(path, write):
     finally:
         if tmp.exists():
             tmp.unlink()
-    with contextlib.suppress(OSError):   # make the rename durable; Windows cannot open a folder
-        fd = os.open(path.parent, os.O_RDONLY)
+    with contextlib.suppress(OSError):   # the rename made durable; Windows cannot open a folder, some
+        fd = os.open(path.parent, os.O_RDONLY)    # file systems refuse to sync one: the data is synced
         try:
-            os.fsync(fd)                 # some file systems refuse this on folders: the data is synced
+            os.fsync(fd)
         finally:
             os.close(fd)
 
@@ -742,31 +727,27 @@ def save_text(text, path):
 def check_in(flag, path):
     """An input must name a file that exists."""
     p = Path(path)
-    if p.name in ("", ".", "..") or p.is_dir():
-        raise UserError(f"{flag} {path}: names a folder, not a file")
-    if not p.is_file():
-        raise UserError(f"{flag} {path}: no such file")
+    if p.name in ("", ".", "..") or not p.is_file():
+        raise UserError(f"{flag} {path}: " + ("names a folder, not a file" if p.is_dir() or p.name in ("", ".", "..")
+                                              else "no such file"))
     return p
 
 def check_out(flag, path, suffix, inputs=(), folder=False):
-    """The one rule for every file written: it has the suffix of what is written, it is none of
-    the command's inputs, it never replaces a run's training checkpoint, and its folder exists
-    and takes a file. Checked before any work, so a refusal loses nothing."""
+    """The one rule for every file written: it has the suffix of what is written, it is none of the
+    command's inputs, it never replaces a run's training checkpoint, and its folder exists and
+    takes a file. Checked before any work, so a refusal loses nothing."""
     p = Path(path)
-    if p.name in ("", ".", ".."):
-        raise UserError(f"{flag} {path}: names no file; give a file name")
-    if not folder and p.suffix.lower() != suffix:
-        raise UserError(f"{flag} {path}: must end in {suffix}, the kind of file this writes")
-    if any(Path(i).resolve() == p.resolve() for i in inputs if i is not None):
-        raise UserError(f"{flag} {path}: is an input of this command; writing it would replace it")
-    if folder and p.exists() and (not p.is_dir() or any(p.iterdir())):
-        raise UserError(f"{flag} {path}: exists and is not an empty folder; pick a new folder")
-    if not folder and p.is_dir():
-        raise UserError(f"{flag} {path}: is a folder; give a file name")
-    if p.is_file() and p.suffix == ".pt" and "opt" in (peek(p) or {}):
-        raise UserError(f"{flag} {path}: holds a run's training state, which only that run may replace")
-    if not p.parent.is_dir():
-        raise UserError(f"{flag} {path}: the folder {p.parent} does not exist")
+    why = "names no file; give a file name" if p.name in ("", ".", "..") else \
+        f"must end in {suffix}, the kind of file this writes" if not folder and p.suffix.lower() != suffix else \
+        "is an input of this command; writing it would replace it" if any(
+            Path(i).resolve() == p.resolve() for i in inputs if i is not None) else \
+        "exists and is not an empty folder; pick a new folder" if folder and p.exists() and (
+            not p.is_dir() or any(p.iterdir())) else \
+        "is a folder; give a file name" if not folder and p.is_dir() else \
+        "holds a run's training state, which only that run may replace" if p.is_file() and "opt" in peek(p) else \
+        f"the folder {p.parent} does not exist" if not p.parent.is_dir() else None
+    if why:
+        raise UserError(f"{flag} {path}: {why}")
     probe = p.parent / f".ddpm_write_test.{os.getpid()}"   # os.access can say yes where a write fails
     try:
         probe.open("wb").close()
@@ -775,14 +756,15 @@ def check_out(flag, path, suffix, inputs=(), folder=False):
         raise UserError(f"{flag} {path}: the folder {p.parent} is not writable") from None
 
 def peek(path):
-    """A torch file's top-level dict, its tensors mapped lazily from disk, or None."""
+    """A torch file's top-level dict, its tensors left on disk (mmap); {} for anything else."""
     with contextlib.suppress(Exception):
         d = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return d if isinstance(d, dict) else None
+        return d if isinstance(d, dict) else {}
+    return {}
 
 def progress_bar(**kw):
-    """tqdm, redrawn twice a second on a terminal but once a minute into a log file or CI,
-    where every redraw is a new line."""
+    """tqdm, redrawn twice a second on a terminal but once a minute into a log or CI, where each
+    redraw is a new line."""
     interval = 0.5 if sys.stderr.isatty() else 60.0
     return tqdm(mininterval=interval, maxinterval=max(10.0, interval), dynamic_ncols=True, **kw)
 
@@ -794,8 +776,8 @@ def to_image(a):
     return Image.fromarray(a.cpu().numpy())
 
 def grid_image(images_uint8, nrow=GRID_COLUMNS):
-    """uint8 (N, H, W[, 3]) -> one picture, nrow a row, 2 px white lines around each:
-    torchvision's make_grid, which makes grey RGB and leaves a lone image unframed."""
+    """uint8 (N, H, W[, 3]) -> one picture, nrow a row, 2 px white lines around each: torchvision's
+    make_grid, which makes grey RGB and leaves a lone image unframed."""
     from torchvision.utils import make_grid
     x = images_uint8.cpu()
     x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)            # (N, C, H, W)
@@ -810,8 +792,8 @@ SHIPPED_CKPT = Path(__file__).resolve().parent / "samples" / "ema_fp16.pt"   # t
 TRAINING_STATE = ("model", "ema", "opt", "step", "rng", "epoch_loss_sum", "history", "seconds")
 
 def load_checkpoint(path, flag="--ckpt"):
-    """torch.load with weights_only=True, tensors and plain data only, so a checkpoint can
-    never run code. Every failure is one line for the user."""
+    """torch.load with weights_only=True, tensors and plain data only, so a checkpoint can never
+    run code. Every failure is one line for the user."""
     path = check_in(flag, path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -826,25 +808,20 @@ def load_checkpoint(path, flag="--ckpt"):
         raise UserError(f"{flag} {path}: not a ddpm_mnist checkpoint (it needs 'config' and 'ema' entries)")
     return ckpt
 
-def check_weights(model, state, what):
-    """Every tensor the model needs, in its shape, before any is loaded."""
-    want = model.state_dict()
-    bad = [k for k, v in want.items() if not isinstance(state.get(k), torch.Tensor) or state[k].shape != v.shape
-           or not state[k].is_floating_point()] + [k for k in state if k not in want]
-    if bad:
-        raise UserError(f"{what}: its weights do not fit the network its config describes ({len(bad)} missing, "
-                        f"misshapen or unexpected, such as {bad[0]})")
-
 def model_from_checkpoint(ckpt, weights="ema", flag="--ckpt"):
-    """The network the checkpoint's config describes, with its weights in float32 (also from
-    the fp16 exports in samples/), in eval mode."""
-    cfg = config_from_dict(ckpt["config"], flag)
-    state = ckpt.get(weights)
+    """The network the checkpoint's config describes, with its weights in float32 (also from the
+    fp16 exports in samples/), in eval mode; weights that do not fit are one line."""
+    cfg, state = config_from_dict(ckpt["config"], flag), ckpt.get(weights)
     if not isinstance(state, dict):
         raise UserError(f"{flag}: this checkpoint has no '{weights}' weights (it has: "
                         f"{', '.join(k for k in ('ema', 'model') if k in ckpt)})")
     model = make_unet(cfg)
-    check_weights(model, state, flag)
+    want = model.state_dict()
+    bad = [k for k, v in want.items() if not isinstance(state.get(k), torch.Tensor) or state[k].shape != v.shape
+           or not state[k].is_floating_point()] + [k for k in state if k not in want]
+    if bad:
+        raise UserError(f"{flag}: its weights do not fit the network its config describes ({len(bad)} missing, "
+                        f"misshapen or unexpected, such as {bad[0]})")
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval().requires_grad_(False), cfg
 
@@ -855,19 +832,18 @@ def checkpoint_to_sample(ckpt_flag):
     return DEFAULT_CKPT if DEFAULT_CKPT.exists() or not SHIPPED_CKPT.exists() else SHIPPED_CKPT
 
 def training_record(ckpt, cfg):
-    """How long a model trained: kept in exports (steps, epochs, seconds, device)."""
+    """How long a model trained, as exports keep it: steps, epochs, seconds, device."""
     if isinstance(ckpt.get("trained"), dict) or not isinstance(ckpt.get("step"), int):
         return ckpt.get("trained")
-    return dict(step=ckpt["step"], epochs=ckpt["step"] / ckpt.get("steps_per_epoch", TRAIN_IMAGES[cfg.dataset] //
-                                                                     cfg.batch_size),
-                seconds=ckpt.get("seconds"), device=ckpt.get("device", "?"))
+    spe = ckpt.get("steps_per_epoch", TRAIN_IMAGES[cfg.dataset] // cfg.batch_size)
+    return dict(step=ckpt["step"], epochs=ckpt["step"] / spe, seconds=ckpt.get("seconds"), device=ckpt.get("device"))
 
-def trained_note(record):
-    if not isinstance(record, dict):
+def trained_note(r):
+    if not isinstance(r, dict):
         return "its training length is not recorded in the file"
-    secs = f" in {record['seconds'] / 60:.1f} min" if isinstance(record.get("seconds"), (int, float)) else ""
-    return f"trained {record.get('step', 0):,} steps ({record.get('epochs', 0):.1f} epochs){secs} on " \
-           f"{record.get('device', '?')}"
+    return f"trained {r.get('step', 0):,} steps ({r.get('epochs', 0):.1f} epochs)" + (
+        f" in {r['seconds'] / 60:.1f} min" if isinstance(r.get("seconds"), (int, float)) else "") + \
+        f" on {r.get('device') or 'an unrecorded device'}"
 
 def portable_optimizer_state(opt):
     """The optimizer's state with a plain lr and capturable off: a run captured as a CUDA graph
@@ -885,8 +861,8 @@ def set_lr(opt, lr):
             g["lr"] = lr
 
 # -----------------------------------------------------------------------------
-# III.4 Precision and the fast paths: autocast by device, fused AdamW, fp16's gradient
-# scaler, torch.compile. Weights, AdamW's moments and the EMA stay float32 in every mode.
+# III.4 Precision and the fast paths: autocast by device, fused AdamW, fp16's gradient scaler,
+# torch.compile. Weights, AdamW's moments and the EMA stay float32 in every mode.
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 PRECISION_NAMES = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast", None: "fp32"}
@@ -918,8 +894,8 @@ def cpu_has_bf16():
         return False
 
 class Autocast(nn.Module):
-    """model(*args) with its matmuls and convolutions in `dtype` (None: fp32) and a float32
-    result; a module, so training still reaches the model's parameters. A CUDA graph needs
+    """model(*args) with its matmuls and convolutions in `dtype` (None: fp32) and a float32 result;
+    a module, so training reaches the model's parameters through it. A CUDA graph needs
     cache=False: autocast's cache of cast weights must not outlive a capture."""
 
     def __init__(self, model, device, dtype, cache=True):
@@ -927,20 +903,18 @@ class Autocast(nn.Module):
         self.model, self.device_type, self.dtype, self.cache = model, device.type, dtype, cache
 
     def forward(self, *args):
-        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None,
-                            cache_enabled=self.cache):
+        with torch.autocast(self.device_type, self.dtype, enabled=self.dtype is not None, cache_enabled=self.cache):
             return self.model(*args).float()
 
 def make_optimizer(model, cfg, device, capturable=False):
-    """AdamW, fused on CUDA and the CPU (one kernel for every tensor: on the 2-core CPU the
-    preset's optimizer step fell from 9.3 to 3.0 ms). A captured step reads the lr from a
-    device tensor and keeps its step counts there (capturable)."""
+    """AdamW, fused on CUDA and the CPU (one kernel for every tensor: on the 2-core CPU the preset's
+    optimizer step fell from 9.3 to 3.0 ms). A captured step reads its lr from a device tensor."""
     return torch.optim.AdamW(model.parameters(), lr=torch.tensor(cfg.lr, device=device) if capturable else cfg.lr,
                              weight_decay=cfg.weight_decay, fused=device.type in ("cuda", "cpu"), capturable=capturable)
 
 class ScaledOptimizer:
-    """fp16's optimizer: step() is torch's GradScaler step (unscale, skip a step whose
-    gradients overflowed, adapt the scale); the rest is the optimizer's own."""
+    """fp16's optimizer: step() is torch's GradScaler step (unscale, skip a step whose gradients
+    overflowed, adapt the scale), and everything else the optimizer's own."""
 
     def __init__(self, opt, scaler):
         self.opt, self.scaler = opt, scaler
@@ -953,8 +927,8 @@ class ScaledOptimizer:
         return getattr(self.opt, name)
 
 def scale_loss(loss_fn, scaler):
-    """loss_fn whose loss backpropagates scaled, so small fp16 gradients do not flush to 0;
-    its value, which the log keeps, stays unscaled."""
+    """loss_fn whose loss backpropagates scaled, so small fp16 gradients do not flush to 0; its
+    value, which the log keeps, stays unscaled."""
     def scaled(eps_model, schedule, b):
         loss, err = loss_fn(eps_model, schedule, b)
         loss.register_hook(scaler.scale)
@@ -963,11 +937,10 @@ def scale_loss(loss_fn, scaler):
 
 def set_fast_math(device):
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True   # fp32 matmuls on tensor cores
-        torch.backends.cudnn.allow_tf32 = True
-        # Shapes never change, so let cuDNN time its kernels once and keep the fastest. The
-        # price: the chosen kernel may be non-deterministic, so on CUDA a resumed run matches
-        # an uninterrupted one up to float rounding, not bitwise (bitwise on the CPU).
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # fp32 on tensor cores
+        # Shapes never change, so let cuDNN time its kernels once and keep the fastest. The price:
+        # the chosen kernel may be non-deterministic, so on CUDA a resumed run matches an
+        # uninterrupted one up to float rounding, not bitwise (bitwise on the CPU).
         torch.backends.cudnn.benchmark = True
 
 def resolve_device(name):
@@ -975,12 +948,10 @@ def resolve_device(name):
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+    if name.startswith("cuda") and not torch.cuda.is_available() or name == "mps" and not mps:
+        raise UserError(f"--device {name}: not available on this machine; use --device cpu or auto")
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
-    if name == "mps" and not mps:
-        raise UserError("--device mps: MPS is not available on this machine; use --device cpu or auto")
     return torch.device(name)
 
 @contextlib.contextmanager
@@ -988,20 +959,20 @@ def blame(flag, device):
     """A failed allocation in the block becomes one line naming the flag that sized it."""
     try:
         yield
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) and \
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and \
                 not any(s in str(e) for s in ("out of memory", "can't allocate memory", "not enough memory")):
             raise
         raise UserError(f"{flag}: needs more memory than {device} can allocate; try a smaller value") from None
 
 # -----------------------------------------------------------------------------
-# III.5 Several processes, through torchrun: every process draws the whole batch from the
-# same generator and keeps its share, and DistributedDataParallel averages the gradients,
-# so N processes take the same steps as one and a checkpoint resumes under any N.
+# III.5 Several processes, through torchrun: every process draws the whole batch from the same
+# generator and keeps its share, and DistributedDataParallel averages the gradients, so N
+# processes take the same steps as one and a checkpoint resumes under any N.
 
 def torchrun_env():
-    """(rank, local rank, world size, processes on this machine), each of torchrun's variables
-    checked: set by hand, a wrong one leaves a process waiting for others that never come."""
+    """(rank, local rank, world size, processes on this machine), torchrun's variables checked:
+    set by hand, a wrong one leaves a process waiting for others that never come."""
     env = os.environ
     if "WORLD_SIZE" not in env:
         return 0, 0, 1, 1
@@ -1009,8 +980,8 @@ def torchrun_env():
         world, rank, local, local_world = (int(env.get(k, d)) for k, d in (
             ("WORLD_SIZE", ""), ("RANK", "0"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
     except ValueError:
-        raise UserError(f"environment WORLD_SIZE, RANK, LOCAL_RANK or LOCAL_WORLD_SIZE is not an integer: "
-                        f"{env.get('WORLD_SIZE')!r}, {env.get('RANK')!r}, ... (torchrun sets them)") from None
+        raise UserError(f"environment WORLD_SIZE, RANK, LOCAL_RANK or LOCAL_WORLD_SIZE is not an integer "
+                        f"(WORLD_SIZE={env['WORLD_SIZE']!r}, RANK={env.get('RANK')!r}); torchrun sets them") from None
     if world < 1 or not 0 <= rank < world or not 0 <= local < max(1, local_world):
         raise UserError(f"environment WORLD_SIZE={world} RANK={rank} LOCAL_RANK={local}: need WORLD_SIZE >= 1 "
                         "and 0 <= RANK < WORLD_SIZE, as torchrun sets them")
@@ -1020,8 +991,8 @@ def torchrun_env():
     return rank, local, world, local_world
 
 def start_processes(args, cfg):
-    """Under torchrun: check what every process must agree on, then join the group, giving up
-    after a minute rather than waiting forever. Returns (device, rank, world)."""
+    """Under torchrun: check what every process must agree on, then join the group, giving up after
+    a minute rather than waiting forever. Returns (device, rank, world)."""
     rank, local_rank, world, local_world = torchrun_env()
     device = resolve_device(args.device)
     if world == 1:
@@ -1057,15 +1028,6 @@ def leave(code, world):
     if code is not None:
         sys.exit(code)
 
-def share_of(draw, rank, world, batch_size):
-    """draw, keeping this process's slice of every field of the batch."""
-    part = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
-
-    def draw_share(idx):
-        b = draw(idx)
-        return type(b)(*(getattr(b, f.name)[part] for f in fields(b)))
-    return draw_share
-
 # -----------------------------------------------------------------------------
 # III.6 A training run: Part I's loop with this run's draws, loss and bookkeeping.
 
@@ -1084,14 +1046,18 @@ def read_data(cfg, data_dir, train=True):
         raise UserError(f"--data-dir {data_dir}: {cfg.dataset.upper()} is missing or unreadable and could not be "
                         f"downloaded ({type(e).__name__}); put {put}") from None
 
-def training_draw(cfg, data, labels, p):
-    """Alg. 1 lines 2-4 as this run draws them: Part I's, with II.4's flips and II.1's labels."""
+def training_draw(cfg, data, labels, p, rank=0, world=1):
+    """Alg. 1 lines 2-4 as this run draws them: Part I's, with II.4's flips and II.1's labels.
+    Under torchrun every process draws the whole batch and keeps its own slice of it."""
+    part = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+
     def draw(idx):
         x0 = to_model_range(data[idx])                                # (B, C, H, W) in [-1, 1]
         x0 = random_hflip(x0, p.gen) if cfg.hflip else x0
         y = drop_labels(labels[idx], cfg.p_uncond, cfg.num_classes, p.gen) if cfg.num_classes else None
         b = draw_batch(x0, p.schedule.T, p.gen)
-        return b if y is None else LabelledBatch(b.x0, b.t, b.eps, y)
+        b = b if y is None else LabelledBatch(b.x0, b.t, b.eps, y)
+        return b if world == 1 else type(b)(*(getattr(b, f.name)[part] for f in fields(b)))
     return draw
 
 def training_loss(cfg):
@@ -1119,8 +1085,8 @@ def build_run(cfg, device, world=1, compile=False, graph=False):
 
 def restore(ckpt, p, path):
     """Put a run back where its checkpoint left it: weights, AdamW's moments, the scaler and the
-    generator of t and eps; a state that does not fit is one line. The optimizer keeps this
-    run's own options (capturable, a device lr), so a checkpoint resumes in any mode."""
+    generator of t and eps; a state that does not fit is one line. The optimizer keeps this run's
+    own options (capturable, a device lr), so a checkpoint resumes in any mode."""
     mine = [dict(g) for g in p.opt.param_groups]
     try:
         assert isinstance(ckpt["step"], int) and ckpt["step"] >= 0, f"step {ckpt['step']!r}"
@@ -1137,8 +1103,8 @@ def restore(ckpt, p, path):
         g["capturable"], g["lr"] = m["capturable"], m["lr"]
     return ckpt["step"]
 
-# The loss by noise level, as improved-diffusion logs it: the mean loss of the steps whose t
-# fell in each quarter of 1..T. Where the error sits is what a schedule changes.
+# The loss by noise level, as improved-diffusion logs it: the mean loss of the steps whose t fell
+# in each quarter of 1..T. Where the error sits is what a schedule changes.
 NOISE_BINS = 4
 LOSS_CHECK_EVERY = 50            # steps between NaN checks and progress-bar updates
 
@@ -1155,49 +1121,44 @@ class Books:
     lead: bool                   # process 0
     log: dict                    # history and seconds, kept in every checkpoint
     sums: torch.Tensor           # the epoch's loss sum, then loss sums and counts per quarter of t
-    start: int                   # the step this invocation began at
+    start: int                   # the step this invocation began at; done: where it stopped
     last_good: int               # the step of the last checkpoint, None before one
     bar: tqdm
-    seconds0: float              # seconds trained before this invocation
+    seconds0: float              # the training time before this invocation
     t_open: float = field(default_factory=time.time)
     recent: list = field(default_factory=list)     # losses since the last check: a check waits for the GPU
     interrupted: bool = False
-    old_sigint: object = None
-    done: int = 0                # steps done when the loop stopped
-
-def say(bk, text, err=False):
-    if bk.lead:
-        print(text, file=sys.stderr if err else sys.stdout)
+    done: int = 0
 
 def open_books(args, cfg, p, ckpt, steps_per_epoch, rank, world):
-    """Restore a checkpoint when resuming, make the run folder, start the clock and the bar,
-    catch Ctrl-C. Returns the Books."""
-    start, ck = restore(ckpt, p, Path(args.run_dir) / "ckpt.pt") if ckpt else 0, ckpt or {}
+    """Restore a checkpoint when resuming, make the run folder, start the clock and the bar, and
+    catch Ctrl-C, which then finishes the step, saves and leaves (a second Ctrl-C kills)."""
+    ck = ckpt or {}
+    start = restore(ckpt, p, Path(args.run_dir) / "ckpt.pt") if ckpt else 0
     total = min(args.max_steps or math.inf, cfg.epochs * steps_per_epoch)
     sums = torch.tensor([ck.get("epoch_loss_sum", 0.0), *ck.get("bin_loss_sums", [0.0] * NOISE_BINS),
                          *ck.get("bin_counts", [0.0] * NOISE_BINS)], device=p.gen.device) * (rank == 0)
     bk = Books(args, cfg, p, steps_per_epoch, total, world, rank == 0,    # the saved totals go to process 0
-               dict(history=ck.get("history", []), seconds=ck.get("seconds", 0.0)), sums, start,
-               start if ckpt else None, progress_bar(total=total, initial=start, unit="step", disable=rank != 0),
-               ck.get("seconds", 0.0))
+               dict(history=ck.get("history", []), seconds=ck.get("seconds", 0.0)), sums, start, start if ckpt
+               else None, progress_bar(total=total, initial=start, unit="step", disable=rank != 0), ck.get("seconds", 0))
     if bk.lead:
         Path(args.run_dir).mkdir(parents=True, exist_ok=True)
         save_text(json.dumps(asdict(cfg), indent=2) + "\n", Path(args.run_dir) / "config.json")
     set_lr(p.opt, lr_at(start, cfg, cfg.epochs * steps_per_epoch))
 
-    def on_sigint(*_):           # finish the step, save, leave; a second Ctrl-C kills as usual
+    def on_sigint(*_):
         bk.interrupted = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    bk.old_sigint = signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGINT, on_sigint)
     return bk
 
 def keep_books(bk, step, loss, t, err):
     """After step `step` (0-based): add up the losses, check them, write the checkpoint and the
-    epoch's files, set the next step's lr. True when the run should stop: at --max-steps, the
-    time limit or Ctrl-C, which several processes agree on every LOSS_CHECK_EVERY steps, so
-    none waits alone in a collective."""
-    n, cfg, spe = step + 1, bk.cfg, bk.steps_per_epoch            # n: steps done
-    bk.done = n
+    epoch's files, set the next step's lr. True when the run should stop: at --max-steps, the time
+    limit or Ctrl-C, which several processes agree on every LOSS_CHECK_EVERY steps, so none waits
+    alone in a collective."""
+    n = bk.done = step + 1                                      # n: steps done
+    cfg, spe = bk.cfg, bk.steps_per_epoch
     bk.sums[0] += loss / bk.world                               # each process's loss is of its share
     bins = 1 + t * NOISE_BINS // cfg.T                          # (B,) in 1..4; index_add_, unlike
     bk.sums.index_add_(0, bins, err)                            # bincount, never waits for the GPU
@@ -1235,10 +1196,11 @@ def check_losses(bk, n):
     bad = (~torch.isfinite(recent)).nonzero()
     if len(bad):
         bk.bar.close()
-        kept = f"the last good checkpoint is {Path(bk.args.run_dir) / 'ckpt.pt'} (step {bk.last_good})" \
-            if bk.last_good is not None else "no checkpoint was written"
-        say(bk, f"error: the loss became NaN or infinite at step {n - len(bk.recent) + int(bad[0]) + 1}; {kept}. "
-                f"Try a smaller --lr, or --precision fp32.", err=True)
+        kept = "no checkpoint was written" if bk.last_good is None else \
+            f"the last good checkpoint is {Path(bk.args.run_dir) / 'ckpt.pt'} (step {bk.last_good})"
+        if bk.lead:
+            note(f"error: the loss became NaN or infinite at step {n - len(bk.recent) + int(bad[0]) + 1}; {kept}. "
+                 "Try a smaller --lr, or --precision fp32.")
         leave(1, bk.world)
     # images/s of this invocation: tqdm's own rate stays unset until a redraw, a minute into a log
     bk.bar.set_postfix(loss=f"{recent.mean().item():.4f}",
@@ -1248,25 +1210,25 @@ def check_losses(bk, n):
 
 def save_checkpoint(bk, step):
     p, scaler, dev = bk.p, getattr(bk.p.opt, "scaler", None), bk.p.gen.device
-    ckpt = dict(config=asdict(bk.cfg), model=p.model.state_dict(), ema=p.ema.state_dict(),
-                opt=portable_optimizer_state(p.opt), scaler=scaler.state_dict() if scaler else {}, step=step,
-                rng=p.gen.get_state(), steps_per_epoch=bk.steps_per_epoch, epoch_loss_sum=bk.sums[0].item(), bin_loss_sums=bk.sums[1:1 + NOISE_BINS].tolist(),
-                bin_counts=bk.sums[1 + NOISE_BINS:].tolist(), history=bk.log["history"], seconds=bk.log["seconds"],
-                device=f"cuda ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else dev.type,
-                versions=dict(torch=str(torch.__version__)))
-    atomic_write(Path(bk.args.run_dir) / "ckpt.pt", lambda f: torch.save(ckpt, f))
+    atomic_write(Path(bk.args.run_dir) / "ckpt.pt", lambda f: torch.save(dict(
+        config=asdict(bk.cfg), model=p.model.state_dict(), ema=p.ema.state_dict(), opt=portable_optimizer_state(p.opt),
+        scaler=scaler.state_dict() if scaler else {}, step=step, rng=p.gen.get_state(),
+        steps_per_epoch=bk.steps_per_epoch, epoch_loss_sum=bk.sums[0].item(),
+        bin_loss_sums=bk.sums[1:1 + NOISE_BINS].tolist(), bin_counts=bk.sums[1 + NOISE_BINS:].tolist(),
+        history=bk.log["history"], seconds=bk.log["seconds"], versions=dict(torch=str(torch.__version__)),
+        device=f"cuda ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else dev.type), f))
 
-def close_books(bk, done):
+def close_books(bk):
     bk.bar.close()
-    signal.signal(signal.SIGINT, bk.old_sigint)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     ckpt = Path(bk.args.run_dir) / "ckpt.pt"
-    if bk.interrupted:
-        say(bk, f"interrupted: saved {ckpt} at step {done}; continue with\n"
-                f"  python ddpm_mnist.py train --run-dir {bk.args.run_dir} --resume", err=True)
-        leave(130, bk.world)
-    say(bk, f"saved {ckpt} at step {done} ({bk.log['seconds']:.0f} s of training)"
-            + ("; continue with --resume" if done < bk.cfg.epochs * bk.steps_per_epoch else ""))
-    leave(None, bk.world)
+    if bk.interrupted and bk.lead:
+        note(f"interrupted: saved {ckpt} at step {bk.done}; continue with\n"
+             f"  python ddpm_mnist.py train --run-dir {bk.args.run_dir} --resume")
+    elif bk.lead:
+        print(f"saved {ckpt} at step {bk.done} ({bk.log['seconds']:.0f} s of training)"
+              + ("; continue with --resume" if bk.done < bk.cfg.epochs * bk.steps_per_epoch else ""))
+    leave(130 if bk.interrupted else None, bk.world)
 
 def write_loss_csv(history, path, T):
     out = io.StringIO()
@@ -1309,20 +1271,12 @@ def graph_unsupported(device, world=1, fp16=False):
         return "several processes synchronize their gradients outside any graph"
     return "fp16's gradient scaler checks for overflow on the CPU" if fp16 else None
 
-def on_side_stream(fn):
-    """fn() on a side stream, where the calls before a capture must run."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        out = fn()
-    torch.cuda.current_stream().wait_stream(side)
-    return out
-
 class GraphedCall:
-    """fn(*args) run as it is for its first GRAPH_WARMUP calls, then captured as a CUDA graph
-    with fixed input buffers and replayed: the arguments are copied in, and the outputs are the
-    graph's own, valid until the next call. One graph per shape of the arguments; a capture that
-    fails is said once, and fn runs as it is from then on. `generator`: the one fn draws from."""
+    """fn(*args) run as it is for its first GRAPH_WARMUP calls (on a side stream, as capture
+    wants), then captured as a CUDA graph with fixed input buffers and replayed: the arguments
+    are copied in, and the outputs are the graph's own, valid until the next call. One graph per
+    shape of the arguments. A capture that fails is said once, and fn runs as it is from then on.
+    `generator`: the one fn draws from, which the graph must know (before torch 2.12)."""
 
     def __init__(self, fn, generator=None):
         self.fn, self.generator, self.graphs = fn, generator, {}
@@ -1331,35 +1285,34 @@ class GraphedCall:
         g = self.graphs.setdefault(tuple(a.shape for a in args), dict(calls=0, graph=None))
         g["calls"] += 1
         if g["calls"] <= GRAPH_WARMUP:
-            return on_side_stream(lambda: self.fn(*args))
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.fn(*args)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
         if g["calls"] == GRAPH_WARMUP + 1:
-            g["static"] = [a.clone() for a in args]
-            g["graph"], g["out"] = capture(lambda: self.fn(*g["static"]), self.generator)
+            g["static"], state = [a.clone() for a in args], self.generator and self.generator.get_state()
+            try:
+                g["graph"] = torch.cuda.CUDAGraph()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")                 # deprecated, and a no-op, from 2.12
+                    if self.generator is not None and hasattr(g["graph"], "register_generator_state"):
+                        g["graph"].register_generator_state(self.generator)
+                with torch.cuda.graph(g["graph"]):
+                    g["out"] = self.fn(*g["static"])
+            except Exception as e:
+                g["graph"] = None
+                if self.generator is not None:
+                    self.generator.set_state(state)
+                note(f"note: --cuda-graph: capture failed ({type(e).__name__}: "
+                     f"{(str(e).strip().splitlines() or [''])[0][:160]}); it runs uncaptured")
         if g["graph"] is None:
             return self.fn(*args)
         for s, a in zip(g["static"], args):
             s.copy_(a)
         g["graph"].replay()
         return g["out"]
-
-def capture(fn, generator):
-    """fn() captured as a CUDA graph, and its outputs; (None, None), said, if capture fails."""
-    state = generator.get_state() if generator is not None else None
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with warnings.catch_warnings():      # a generator of one's own must be registered before torch 2.12
-            warnings.simplefilter("ignore")
-            if generator is not None and hasattr(graph, "register_generator_state"):
-                graph.register_generator_state(generator)
-        with torch.cuda.graph(graph):
-            out = fn()
-        return graph, out
-    except Exception as e:
-        if state is not None:
-            generator.set_state(state)
-        note(f"note: --cuda-graph: capture failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}); "
-             "it runs uncaptured")
-        return None, None
 
 def static_step(p, cfg, draw, loss_fn):
     """step(idx, n): one whole training step as a graph can replay it, Part I's arithmetic with
@@ -1586,17 +1539,13 @@ def class_stats(probs, confident=0.9):
     return dict(class_counts=counts.tolist(), rarest_share=float(shares.min()), commonest_share=float(shares.max()),
                 confident_share=float((probs.max(1).values >= confident).double().mean()))
 
-def nearest_distances(queries_uint8, ref_uint8, device):
-    """Per query, the L2 distance (pixels in [0, 1]) to its nearest image in ref."""
-    ref = ref_uint8.to(device).flatten(1).float() / 255
-    return torch.cat([torch.cdist(q.to(device).flatten(1).float() / 255, ref).min(1).values.cpu()
-                      for q in queries_uint8.split(500)])
-
 def memorization(samples, train_images, test_images, device, n=1000):
-    """Nearest-training-image distance of samples against that of real test digits, which the
-    model never saw: copies of the training set would sit far below the real ones."""
-    d_samples = nearest_distances(samples[:n], train_images, device)
-    d_real = nearest_distances(test_images[:n], train_images, device)
+    """Nearest-training-image distance (L2, pixels in [0, 1]) of samples against that of real
+    test digits, which the model never saw: copies of the training set would sit far below."""
+    ref = train_images.to(device).flatten(1).float() / 255
+    nearest = lambda q: torch.cat([torch.cdist(c.to(device).flatten(1).float() / 255, ref).min(1).values.cpu()
+                                   for c in q[:n].split(500)])
+    d_samples, d_real = nearest(samples), nearest(test_images)
     p1 = float(d_real.quantile(0.01))
     return dict(n_memo=len(d_samples), nn_dist_samples_median=float(d_samples.median()),
                 nn_dist_real_test_median=float(d_real.median()), real_test_p01=p1,
@@ -1701,23 +1650,20 @@ def save_gif(frames, path, ms=80, hold_ms=1500):
                                                 optimize=False))
 
 # -----------------------------------------------------------------------------
-# III.11 bench: what a step costs in each mode, with synchronized clocks after a warm-up.
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+# III.11 bench: what a step costs in each mode, clocks synchronized with the GPU, after a warm-up.
 
 def timed(fn, device):
     """Wall-clock seconds of fn(), the GPU's queue drained before and after."""
-    sync(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
     t0 = time.perf_counter()
     fn()
-    sync(device)
+    sync()
     return time.perf_counter() - t0
 
 def bench(cfg, device, reps=5, modes=("eager",)):
-    """The training step in each mode side by side (warm-up, which holds compile and capture,
-    then per step), and both samplers for a batch."""
+    """The training step in each mode side by side (the warm-up holds compile and capture), and
+    both samplers for a batch."""
     set_fast_math(device)
     cfg, shape, B = replace(cfg, epochs=10 ** 6), image_shape(cfg), cfg.batch_size   # epochs: room for any steps
     data = to_uint8(torch.rand(2 * B, *shape, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
@@ -1727,43 +1673,36 @@ def bench(cfg, device, reps=5, modes=("eager",)):
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as fc:
         make_unet(cfg).to(device)(torch.randn(2, *shape, device=device), torch.zeros(2, dtype=torch.long, device=device))
-    gflop = fc.get_total_flops() / 2e9                                     # forward, per image
-    paper = PRESETS["paper"]
-    recipe = paper.epochs * (TRAIN_IMAGES["mnist"] // paper.batch_size) * paper.batch_size   # images
-    print(f"{'mode':18} {'warm-up s':>9} {'ms/step':>8} {'images/s':>9} {'TFLOP/s':>8} {f'{paper.epochs} epochs':>10} "
-          f"{f'DDIM-{DDIM_STEPS}':>8} {'DDPM-1000':>9}  (sampling: s per batch)")
+    gflop, recipe = fc.get_total_flops() / 2e9, 50 * (TRAIN_IMAGES["mnist"] // 128) * 128   # per image; images
+    print(f"{'mode':17} {'warm-up s':>9} {'ms/step':>8} {'images/s':>9} {'TFLOP/s':>8} {'50 epochs':>9} "
+          f"{'DDIM-50 s':>9} {'DDPM-1000 s':>11}  (sampling: one batch)")
     for mode in modes:
         if "graph" in mode and graph_unsupported(device):
-            print(f"{mode:18} not possible: {graph_unsupported(device)}")
+            print(f"{mode:17} not possible: {graph_unsupported(device)}")
             continue
         p, loss_fn = build_run(cfg, device, compile="compiled" in mode, graph="graph" in mode)
-        draw = training_draw(cfg, data, torch.zeros(len(data), dtype=torch.long, device=device), p)
-        warm = GRAPH_WARMUP + 1 if "graph" in mode else 3       # the first steps allocate, search, compile
-        marks = []
+        draw, warm, marks = training_draw(cfg, data, None, p), GRAPH_WARMUP + 1 if "graph" in mode else 3, []
 
-        def on_step(step, *_):
+        def on_step(step, *_):                         # the first steps allocate, search and compile
             if step + 1 in (warm, warm + reps):
-                sync(device)
+                timed(lambda: None, device)            # the GPU's queue drained
                 marks.append(time.perf_counter())
             return step + 1 >= warm + reps
         t0 = time.perf_counter()
-        if "graph" in mode:
-            train_graphed(cfg, data, p, 0, on_step, draw, loss_fn)
-        else:
-            train(cfg, data, p, 0, on_step, draw, loss_fn)
+        (train_graphed if "graph" in mode else train)(cfg, data, p, 0, on_step, draw, loss_fn)
         step_s = (marks[1] - marks[0]) / reps
         eps_model = fast_eps_model(Autocast(p.ema, device, dtype, cache="graph" not in mode), device,
                                    "compiled" in mode, "graph" in mode)
         x_T = torch.randn(B, *shape, device=device)
-        samplers = [Sampler("ddim", DDIM_STEPS), Sampler("ddpm", cfg.T)] if device.type == "cuda" else \
-            [Sampler("ddim", 5)]      # 1000 steps take minutes on a CPU: time 5 and extrapolate
-        Sampler("ddim", 2)(eps_model, p.schedule, x_T)                             # warm-up: compile, capture
-        secs = [timed(lambda: s(eps_model, p.schedule, x_T), device) for s in samplers]
-        secs = secs if device.type == "cuda" else [k * secs[0] / 5 for k in (DDIM_STEPS, cfg.T)]
-        print(f"{mode:18} {marks[0] - t0:9.1f} {1e3 * step_s:8.1f} {B / step_s:9,.0f} {3 * gflop * B / step_s / 1e3:8.2f} "
-              f"{recipe * step_s / B / 60:8.1f} m {secs[0]:8.2f} {secs[1]:9.2f}")
-    print(f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}; {gflop:.3f} GFLOP forward per image; "
-          "TFLOP/s counts 3 x that per image" + ("" if device.type == "cuda" else "; CPU sampling: 5 steps timed"))
+        Sampler("ddim", 2)(eps_model, p.schedule, x_T)                                 # warm-up: compile, capture
+        if device.type == "cuda":
+            secs = [timed(lambda: s(eps_model, p.schedule, x_T), device) for s in (Sampler(), Sampler("ddpm", cfg.T))]
+        else:                        # 1000 steps take minutes on a CPU: 5 timed and extrapolated
+            secs = [k * timed(lambda: Sampler("ddim", 5)(eps_model, p.schedule, x_T), device) / 5 for k in (50, cfg.T)]
+        print(f"{mode:17} {marks[0] - t0:9.1f} {1e3 * step_s:8.1f} {B / step_s:9,.0f} {3 * gflop * B / step_s / 1e3:8.2f}"
+              f" {recipe * step_s / B / 60:7.1f} m {secs[0]:9.2f} {secs[1]:11.2f}")
+    print(f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}; {gflop:.3f} GFLOP forward per image,"
+          f" TFLOP/s counts 3 x that" + ("" if device.type == "cuda" else "; sampling extrapolated from 5 steps"))
     if device.type == "cuda":
         print(f"peak memory: {torch.cuda.max_memory_allocated(device) / 2 ** 20:,.0f} MB CUDA allocated")
     else:
@@ -1771,8 +1710,8 @@ def bench(cfg, device, reps=5, modes=("eager",)):
         print(f"peak memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB process RSS")
 
 # -----------------------------------------------------------------------------
-# III.12 The command line. Every check that can fail runs here, before slow work starts or
-# any file is written. Each flag is declared once, so its help reads the same everywhere.
+# III.12 The command line. Every check that can fail runs here, before slow work starts or any
+# file is written. Each flag is declared once, so its help reads the same everywhere.
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr (not a usage block), exit code 2."""
@@ -1785,27 +1724,27 @@ def number(name):
     """An argparse type: a number held to RANGES[name], refused in one line naming what is allowed."""
     def parse(s):
         try:
-            return check_number(name, int(s) if RANGES[name][0] == "int" else float(s), "")
-        except (ValueError, UserError):
-            raise argparse.ArgumentTypeError(f"'{s}': need {range_text(name)}") from None
+            v = int(s) if RANGES[name][0] == "int" else float(s)
+        except ValueError:
+            v = s                                              # refused below, as not a number
+        try:
+            return check_number(name, v, f"'{s}'")
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
     return parse
 
 def channels_arg(s):
     try:
         return check_channels(tuple(int(c) for c in s.split(",")))
-    except (ValueError, UserError) as e:
-        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1] if isinstance(e, UserError) else
-                                         f"'{s}' is not a comma-separated list of integers") from None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{s}' is not a comma-separated list of integers") from None
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
 
 def device_arg(s):
     if s in ("auto", "cpu", "cuda", "mps") or (s.startswith("cuda:") and s[5:].isdigit()):
         return s
     raise argparse.ArgumentTypeError(f"'{s}' is not one of auto, cpu, cuda, cuda:N, mps")
-
-def class_arg(s):
-    if s == "all" or (s.isdigit() and int(s) < NUM_CLASSES):
-        return s if s == "all" else int(s)
-    raise argparse.ArgumentTypeError(f"'{s}' is not a class: need 0..{NUM_CLASSES - 1} or all")
 
 def preset_default(name):
     """'(default: X)', or each preset's where they differ, so no help states a default a preset overrides."""
@@ -1814,8 +1753,7 @@ def preset_default(name):
     return f"(default: {values['paper']})" if len(set(values.values())) == 1 else \
         "(default: " + ", ".join(f"{v} with --preset {k}" for k, v in values.items()) + ")"
 
-# train's recipe flags, each defaulting to the preset's value
-TRAIN_HELP = dict(
+TRAIN_HELP = dict(  # train's recipe flags, each defaulting to its preset's value
     dataset="images to learn; the network follows their channels and size (II.4)",
     epochs="passes over the training images", batch_size="images per step", lr="AdamW learning rate",
     channels="widths of the 4 levels, multiples of 8", ema_decay="EMA decay, below 1",
@@ -1823,7 +1761,7 @@ TRAIN_HELP = dict(
     grid_n="EMA samples in each epoch's grid, 0 for none", schedule="noise schedule (II.3)",
     lr_schedule="constant, or warm-up then cosine decay to 0 (II.5)", warmup_steps="linear lr warm-up steps (II.5)",
     min_snr_gamma="min-SNR loss weighting, 0 for plain MSE (II.5)")
-FLAGS = dict(  # every other flag: argparse keywords; %(default)s is each command's own default
+FLAGS = dict(  # every other flag: argparse keywords, and %(default)s is each command's own default
     device=dict(type=device_arg, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps "
                                                       "(default: auto)"),
     ckpt=dict(help=f"checkpoint to load (default: {DEFAULT_CKPT}, or the committed samples/ema_fp16.pt until you "
@@ -1841,8 +1779,8 @@ FLAGS = dict(  # every other flag: argparse keywords; %(default)s is each comman
     no_clip=dict(action="store_true", help="do not clip the predicted x_0 to [-1, 1]"),
     weights=dict(choices=("ema", "model"), default="ema", help="the EMA weights or the raw trained ones "
                                                                "(default: ema)"),
-    digit=dict(flag="--class", type=class_arg, help="conditional models: the digit to draw, 0..9, or all: one "
-                                                    "digit per row (default: all)"),
+    digit=dict(flag="--class", choices=[*map(str, range(NUM_CLASSES)), "all"], help="conditional models: the digit "
+               "to draw, or all: one digit per row (default: all)"),
     guidance=dict(type=number("guidance"), help="conditional models: guidance scale s, 0..1000; 0 ignores the class, "
                   "1 is the plain conditional model, larger draws the class more surely and less varied "
                   f"(default: {DEFAULT_GUIDANCE})"),
@@ -1857,7 +1795,7 @@ FLAGS = dict(  # every other flag: argparse keywords; %(default)s is each comman
     run_dir=dict(default="runs/ddpm", help="the run's folder (default: runs/ddpm)"),
 )
 SAMPLING = "device ckpt precision sampler steps eta no_clip weights compile cuda_graph"
-COMMANDS = {  # name: (help, description, flags[=default]); the command's own flags come in build_parser
+COMMANDS = {  # name: (help, description, flags[=default]); a command's own flags come in build_parser
     "train": ("train a DDPM (Alg. 1)", "Train the U-Net; writes ckpt.pt, config.json, loss.csv and per-epoch EMA "
               "sample grids into --run-dir. Defaults come from --preset.", "data_dir run_dir device compile cuda_graph"),
     "sample": ("draw digits with DDPM or DDIM (Alg. 2, DDIM Eq. 12)", "Sample from a checkpoint's EMA weights into "
@@ -1887,8 +1825,7 @@ def flag(p, name, **kw):
 def build_parser():
     ap = Parser(prog="ddpm_mnist.py", description=__doc__.split("\n\n")[1],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    ps = {}
+    sub, ps = ap.add_subparsers(dest="command", required=True, metavar="COMMAND"), {}
     for name, (help, description, flags) in COMMANDS.items():
         ps[name] = p = sub.add_parser(name, help=help, description=description or help)
         p.set_defaults(func=globals()["cmd_" + name])
@@ -1912,23 +1849,26 @@ def build_parser():
          help="also checkpoint every N steps, so a kill loses at most N (default: 0, every epoch only)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt, exactly")
     p.add_argument("--overwrite", action="store_true", help="start over in a run folder that has a checkpoint")
-    ps["sample"].add_argument("--format", choices=("png", "npz", "png-dir"), default="png", help="png: one grid; "
-                              "npz: uint8 array 'images', (N, 28, 28) for MNIST or (N, 32, 32, 3) for CIFAR-10; "
-                              "png-dir: one PNG per sample, for pytorch-fid or clean-fid (default: png)")
-    ps["sample"].add_argument("--gif", action="store_true", help="an animated GIF of x_t beside the predicted x_0")
-    flag(ps["sample"], "out", help="output path (default: samples/<sampler>_<steps>.png, .npz, .gif or folder)")
-    ps["evaluate"].add_argument("--samples", help="score this .npz (uint8 'images', (N, 28, 28)) instead of sampling")
-    flag(ps["evaluate"], "out", help="report path, .json (default: evaluate.json beside --samples, else beside the "
-                                     "checkpoint, or in the current folder for the committed weights)")
-    flag(ps["compare"], "guidance", type=lambda s: [number("guidance")(v) for v in s.split(",")],
+    p = ps["sample"]
+    p.add_argument("--format", choices=("png", "npz", "png-dir"), default="png", help="png: one grid; npz: uint8 "
+                   "array 'images', (N, 28, 28) for MNIST or (N, 32, 32, 3) for CIFAR-10; png-dir: one PNG per "
+                   "sample, for pytorch-fid or clean-fid (default: png)")
+    p.add_argument("--gif", action="store_true", help="an animated GIF of x_t beside the predicted x_0")
+    flag(p, "out", help="output path (default: samples/<sampler>_<steps>.png, .npz, .gif or folder)")
+    p = ps["evaluate"]
+    p.add_argument("--samples", help="score this .npz (uint8 'images', (N, 28, 28)) instead of sampling")
+    flag(p, "out", help="report path, .json (default: evaluate.json beside --samples, else beside the checkpoint, "
+                        "or in the current folder for the committed weights)")
+    p = ps["compare"]
+    flag(p, "guidance", type=lambda s: [number("guidance")(v) for v in s.split(",")],
          help="conditional models: compare these guidance scales (DDIM-50), e.g. 0,1,2,3,5,8: one picture row per "
               "digit, one column per scale")
-    flag(ps["compare"], "out", help="picture path (default: samples/compare.png, or samples/guidance.png)")
+    flag(p, "out", help="picture path (default: samples/compare.png, or samples/guidance.png)")
     p = ps["bench"]
     p.add_argument("--preset", choices=tuple(PRESETS), default="paper", help="the network to time (default: paper)")
     p.add_argument("--channels", type=channels_arg, help="widths of the 4 levels (default: the preset's)")
     flag(p, "reps", type=number("reps"), default=5, help="timed steps (default: 5)")
-    flag(ps["forward"], "n", type=number("rows"), default=4, help="digits, one per row, 1..16 (default: 4)")
+    flag(ps["forward"], "n", type=number("digits"), default=4, help="digits, one per row, 1..16 (default: 4)")
     flag(ps["forward"], "schedule", choices=CHOICES["schedule"], default="linear", help="noise schedule "
                                                                                         "(default: linear)")
     ps["export"].add_argument("--ckpt", default=str(DEFAULT_CKPT), help=f"checkpoint to export (default: "
@@ -1947,25 +1887,24 @@ def train_config(args):
         raise UserError(f"--p-uncond {args.p_uncond}: only with --cond (it drops labels of a class-conditional model)")
     if args.cond:
         given.update(num_classes=NUM_CLASSES, **({"p_uncond": args.p_uncond} if args.p_uncond is not None else {}))
-    ckpt_path = Path(args.run_dir) / "ckpt.pt"
+    path = Path(args.run_dir) / "ckpt.pt"
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite: choose one")
     if not args.resume:
-        if ckpt_path.exists() and not args.overwrite:
+        if path.exists() and not args.overwrite:
             raise UserError(f"--run-dir {args.run_dir}: already holds a checkpoint; add --resume to continue it "
                             "or --overwrite to start over")
         return config_from_dict(asdict(replace(PRESETS[args.preset], **given)), "train"), None
-    if not ckpt_path.exists():
-        raise UserError(f"--resume: there is no {ckpt_path} to resume from")
-    ckpt = load_checkpoint(ckpt_path, "--resume")
-    if any(k not in ckpt for k in TRAINING_STATE):
-        raise UserError(f"--resume: {ckpt_path} has no training state ({', '.join(k for k in TRAINING_STATE if k not in ckpt)}"
-                        " missing); it looks like an `export` file, which can be sampled from but not trained further")
-    saved = config_from_dict(ckpt["config"], f"--resume: {ckpt_path}")
+    ckpt = load_checkpoint(path, "--resume")
+    missing = [k for k in TRAINING_STATE if k not in ckpt]
+    if missing:
+        raise UserError(f"--resume: {path} has no training state ({', '.join(missing)} missing); it looks like an "
+                        "`export` file, which can be sampled from but not trained further")
+    saved = config_from_dict(ckpt["config"], f"--resume: {path}")
     if args.cond != bool(saved.num_classes):
-        raise UserError(f"--cond: {ckpt_path} is an unconditional run; a resumed run keeps its config" if args.cond
-                        else f"--resume: {ckpt_path} is a class-conditional run; add --cond to resume it")
-    for k, v in given.items():   # the same run: a changed lr or width would make another model; only --epochs may grow
+        raise UserError(f"--cond: {path} is an unconditional run; a resumed run keeps its config" if args.cond
+                        else f"--resume: {path} is a class-conditional run; add --cond to resume it")
+    for k, v in given.items():   # the same run: another lr or width would make another model; only its length grows
         if k != "epochs" and v != getattr(saved, k):
             raise UserError(f"--{k.replace('_', '-')} {v}: differs from the checkpoint's {getattr(saved, k)}; "
                             "a resumed run keeps its config (only --epochs may change)")
@@ -1980,79 +1919,68 @@ def cmd_train(args):
     device, rank, world = start_processes(args, cfg)
     set_fast_math(device)
     images, labels = read_data(cfg, args.data_dir)
-    if len(images) < cfg.batch_size:
-        raise UserError(f"--batch-size {cfg.batch_size}: larger than the {len(images)} training images")
-    total = min(args.max_steps or math.inf, cfg.epochs * (len(images) // cfg.batch_size))
-    if ckpt and isinstance(ckpt["step"], int) and ckpt["step"] >= total:
-        raise UserError(f"--resume: {Path(args.run_dir) / 'ckpt.pt'} is at step {ckpt['step']} already; give more "
-                        f"--epochs (or a larger --max-steps) than the {total} steps asked for")
-    why_not = graph_unsupported(device, world, choose_precision(device, cfg.precision)[0] == torch.float16) \
-        if args.cuda_graph else "not asked for"
+    spe = len(images) // cfg.batch_size
+    total = min(args.max_steps or math.inf, cfg.epochs * spe)
+    if spe == 0 or ckpt and isinstance(ckpt["step"], int) and ckpt["step"] >= total:
+        raise UserError(f"--batch-size {cfg.batch_size}: larger than the {len(images)} training images" if spe == 0
+                        else f"--resume: {p / 'ckpt.pt'} is at step {ckpt['step']} already; give more --epochs "
+                             f"(or a larger --max-steps) than the {total} steps asked for")
+    dtype, why = choose_precision(device, cfg.precision)
+    why_not = graph_unsupported(device, world, dtype == torch.float16) if args.cuda_graph else "not asked for"
     with blame("--batch-size", device):
         p, loss_fn = build_run(cfg, device, world, args.compile, graph=not why_not)
-        if rank == 0:              # train's first lines: what differs from the case study, then the run
-            for line in [f"recipe: --preset {cfg.preset}, departing from the case study's in"] * bool(departures(cfg)) \
-                    + [f"  {d}" for d in departures(cfg)]:
-                print(line)
-            dtype, why = choose_precision(device, cfg.precision)
-            print(f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}" + (
-                f", class-conditional (p_uncond {cfg.p_uncond})" if cfg.num_classes else "") + f"; device {device}" + (
-                f" x {world} processes" if world > 1 else "") + f"; {PRECISION_NAMES[dtype]} ({why}); "
-                f"{len(images) // cfg.batch_size} steps/epoch, {cfg.epochs} epochs" +
-                (f"; resuming at step {ckpt['step']}" if ckpt else ""))
-            print(f"step: {'compiled' if args.compile else 'eager'}" + (" and captured as a CUDA graph" if not why_not
-                  else f" (--cuda-graph: {why_not})" if args.cuda_graph else ""))
+        if rank == 0:            # train's first lines: how the recipe departs from the case study's, then the run
+            print("\n".join([f"recipe: --preset {cfg.preset}, departing from the case study's in"] * bool(
+                departures(cfg)) + [f"  {d}" for d in departures(cfg)] + [
+                f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}" + (
+                    f", class-conditional (p_uncond {cfg.p_uncond})" if cfg.num_classes else "") + f"; device {device}"
+                + (f" x {world} processes" if world > 1 else "") + f"; {PRECISION_NAMES[dtype]} ({why}); {spe} steps/"
+                f"epoch, {cfg.epochs} epochs" + (f"; resuming at step {ckpt['step']}" if ckpt else ""),
+                f"step: {'compiled' if args.compile else 'eager'}" + (" and captured as a CUDA graph" if not why_not else
+                                                                      f" (--cuda-graph: {why_not})" * args.cuda_graph)]))
             if device.type == "cpu" and cfg.preset == "paper":
                 note("note: the case-study recipe takes many hours on a CPU; `--preset cpu` makes digits in about "
                      "12 minutes on 2 cores (README, Set up)")
-        bk = open_books(args, cfg, p, ckpt, len(images) // cfg.batch_size, rank, world)
+        bk = open_books(args, cfg, p, ckpt, spe, rank, world)
         data = images.to(device)
-        draw = training_draw(cfg, data, labels.to(device), p)
-        draw = share_of(draw, rank, world, cfg.batch_size) if world > 1 else draw
-        on_step = lambda *a: keep_books(bk, *a)
-        if not why_not:
-            train_graphed(cfg, data, p, bk.start, on_step, draw, loss_fn)
-        else:
-            train(cfg, data, p, bk.start, on_step, draw, loss_fn)
-    close_books(bk, bk.done)
+        draw = training_draw(cfg, data, labels.to(device), p, rank, world)
+        (train if why_not else train_graphed)(cfg, data, p, bk.start, lambda *a: keep_books(bk, *a), draw, loss_fn)
+    close_books(bk)
 
 def sampler_from_args(args, T):
     """The Sampler the flags ask for; DDPM takes all T steps and has no eta."""
-    if args.sampler == "ddpm":
-        if args.steps not in (None, T):
-            raise UserError(f"--steps {args.steps}: DDPM always takes all T={T} steps; use --sampler ddim for fewer")
-        if args.eta:
-            raise UserError("--eta: only DDIM has eta; DDPM's noise is fixed by the posterior variance")
-        return Sampler("ddpm", T, 0.0, not args.no_clip)
-    return Sampler("ddim", args.steps or DDIM_STEPS, args.eta, not args.no_clip)
+    if args.sampler == "ddpm" and args.steps not in (None, T):
+        raise UserError(f"--steps {args.steps}: DDPM always takes all T={T} steps; use --sampler ddim for fewer")
+    if args.sampler == "ddpm" and args.eta:
+        raise UserError("--eta: only DDIM has eta; DDPM's noise is fixed by the posterior variance")
+    return Sampler(args.sampler, T if args.sampler == "ddpm" else args.steps or DDIM_STEPS, args.eta, not args.no_clip)
 
 def load_for_sampling(args, out, suffix, inputs=(), folder=False):
     """What every sampling command does first: its output checked against its inputs, then the
     model, ready to call on its device. Returns the model, its schedule, config and file."""
-    ckpt_path = checkpoint_to_sample(args.ckpt)
-    check_out("--out", out, suffix, [ckpt_path, *inputs], folder)
-    device, ckpt = resolve_device(args.device), load_checkpoint(ckpt_path)
-    model, cfg = model_from_checkpoint(ckpt, getattr(args, "weights", "ema"))
-    if args.ckpt is None and ckpt_path == SHIPPED_CKPT:
+    path = checkpoint_to_sample(args.ckpt)
+    check_out("--out", out, suffix, [path, *inputs], folder)
+    device, ckpt = resolve_device(args.device), load_checkpoint(path)
+    model, cfg = model_from_checkpoint(ckpt, args.weights)
+    if args.ckpt is None and path == SHIPPED_CKPT:
         note(f"note: no {DEFAULT_CKPT} yet, so using the committed weights samples/ema_fp16.pt (preset {cfg.preset}, "
              f"{cfg.dataset.upper()}, {trained_note(ckpt.get('trained'))}); `python ddpm_mnist.py train` makes your own")
-    graph = getattr(args, "cuda_graph", False)
+    graph, compile = getattr(args, "cuda_graph", False), getattr(args, "compile", False)
     eps_model = Autocast(model.to(device), device, choose_precision(device, args.precision)[0], cache=not graph)
-    return fast_eps_model(eps_model, device, getattr(args, "compile", False), graph), make_schedule(cfg).to(device), \
-        cfg, ckpt_path
+    return fast_eps_model(eps_model, device, compile, graph), make_schedule(cfg).to(device), cfg, path
 
 def guidance_from_args(args, cfg, n, ncol):
-    """II.2: the labels and scale a conditional model samples with (--class, --guidance), laid
-    out ncol to a row; None for an unconditional model, which has no label to ask for."""
-    digit, s = getattr(args, "digit", None), args.guidance
+    """II.2: the labels and scale a conditional model samples with (--class, --guidance), laid out
+    ncol to a row; None for an unconditional model, which has no label to ask for."""
+    digit = getattr(args, "digit", None)
+    if not cfg.num_classes and (digit is not None or args.guidance is not None):
+        flag = "--class" if digit is not None else "--guidance"
+        raise UserError(f"{flag}: this checkpoint is unconditional (trained without --cond); {flag} needs a "
+                        "class-conditional model")
     if not cfg.num_classes:
-        if digit is not None or s is not None:
-            flag = "--class" if digit is not None else "--guidance"
-            raise UserError(f"{flag}: this checkpoint is unconditional (trained without --cond); {flag} needs a "
-                            "class-conditional model")
         return None
-    labels = digit_rows(n, ncol, cfg.num_classes) if digit in (None, "all") else torch.full((n,), digit)
-    return Guidance(labels, DEFAULT_GUIDANCE if s is None else s, cfg.num_classes)
+    labels = digit_rows(n, ncol, cfg.num_classes) if digit in (None, "all") else torch.full((n,), int(digit))
+    return Guidance(labels, DEFAULT_GUIDANCE if args.guidance is None else args.guidance, cfg.num_classes)
 
 def cmd_sample(args):
     if args.gif and args.format != "png":
@@ -2084,38 +2012,37 @@ def report_table(r):
         f"{v:.3f}" if isinstance(v, float) else str(v)
     return f"N={r['n']} samples\n" + "\n".join(f"{k.replace('_', ' '):32} {show(k, v)}" for k, v in r.items())
 
-def only_digits(cfg, ckpt_path):
-    """evaluate and compare measure with an MNIST digit classifier; say so for other data."""
+def check_classifier(args, inputs):
+    """evaluate's and compare's --classifier: read if it exists (and checked then), else trained and written."""
+    for i in inputs:
+        if i is not None and Path(i).resolve() == Path(args.classifier).resolve():
+            raise UserError(f"--classifier {args.classifier}: is also another input or output of this command")
+    if not Path(args.classifier).exists() and Path(args.classifier).suffix != ".pt":
+        raise UserError(f"--classifier {args.classifier}: must end in .pt, the classifier this writes on first use")
+
+def only_digits(cfg, path):
     if cfg.dataset != "mnist":
-        raise UserError(f"--ckpt {ckpt_path}: a {cfg.dataset} model, and evaluate/compare score digits with an MNIST "
+        raise UserError(f"--ckpt {path}: a {cfg.dataset} model, and evaluate/compare score digits with an MNIST "
                         "classifier; for CIFAR-10 write PNGs (sample --format png-dir --n 50000) and use pytorch-fid "
                         "or clean-fid against the CIFAR-10 training set, as the DDPM paper measured")
-
-def check_classifier(path, inputs):
-    """The classifier is read if it exists (and checked then), else trained and written there."""
-    if any(Path(i).resolve() == Path(path).resolve() for i in inputs if i is not None):
-        raise UserError(f"--classifier {path}: is also another input or output of this command")
-    if not Path(path).exists() and Path(path).suffix != ".pt":
-        raise UserError(f"--classifier {path}: must end in .pt, the classifier this writes on first use")
 
 def cmd_evaluate(args):
     if args.n < 2:
         raise UserError(f"--n {args.n}: FID fits a covariance, which needs at least 2 samples")
-    sampler = sampler_from_args(args, PRESETS["paper"].T)
-    device = resolve_device(args.device)
+    sampler, device = sampler_from_args(args, PRESETS["paper"].T), resolve_device(args.device)
     if args.samples:
         if args.guidance is not None or args.weights != "ema":
             raise UserError(f"{'--guidance' if args.guidance is not None else '--weights'}: with --samples nothing "
                             "is sampled; leave it out")
         out = Path(args.out or Path(args.samples).with_name("evaluate.json"))   # the report goes beside what it scores
         check_out("--out", out, ".json", [args.samples, args.classifier])
-        check_classifier(args.classifier, [args.samples, out])
+        check_classifier(args, [args.samples, out])
         samples, labels = read_samples(args.samples)
         source = dict(samples_from=f"read from {args.samples}", samples_file=str(args.samples))
     else:           # the committed weights' folder is the project's: their report goes to the current folder
         path = checkpoint_to_sample(args.ckpt)
         out = Path(args.out or ("evaluate.json" if path.resolve() == SHIPPED_CKPT else path.with_name("evaluate.json")))
-        check_classifier(args.classifier, [path, out])
+        check_classifier(args, [path, out])
         eps_model, schedule, cfg, _ = load_for_sampling(args, out, ".json", [args.classifier])
         only_digits(cfg, path)
         guide = guidance_from_args(args, cfg, args.n, 1)       # conditional: digits 0-9 in turn
@@ -2134,51 +2061,51 @@ def cmd_evaluate(args):
     save_text(json.dumps(r, indent=2) + "\n", out)
     print(f"wrote {out}")
 
-COMPARE = (("DDPM 1000", Sampler("ddpm", 1000)), ("DDIM 10", Sampler("ddim", 10)),
-           ("DDIM 20", Sampler("ddim", 20)), ("DDIM 50", Sampler("ddim", 50)),
-           ("DDIM 100", Sampler("ddim", 100)), ("DDIM 50, eta 1", Sampler("ddim", 50, eta=1.0)))
+COMPARE = (("DDPM 1000", Sampler("ddpm", 1000)), ("DDIM 10", Sampler("ddim", 10)), ("DDIM 20", Sampler("ddim", 20)),
+           ("DDIM 50", Sampler("ddim", 50)), ("DDIM 100", Sampler("ddim", 100)),
+           ("DDIM 50, eta 1", Sampler("ddim", 50, eta=1.0)))
 
 def cmd_compare(args):
-    """Samplers, or with --guidance guidance scales (II.2), from the same x_T and labels: a
-    table of scores and a picture of the first samples of each."""
+    """Samplers, or with --guidance guidance scales (II.2), from the same x_T and labels: a table
+    of scores and a picture of the first samples of each."""
     out = args.out or ("samples/guidance.png" if args.guidance else "samples/compare.png")
-    check_classifier(args.classifier, [checkpoint_to_sample(args.ckpt), out])
-    eps_model, schedule, cfg, path = load_for_sampling(args, out, ".png", [args.classifier])
+    path = checkpoint_to_sample(args.ckpt)
+    check_classifier(args, [path, out])
+    eps_model, schedule, cfg, _ = load_for_sampling(args, out, ".png", [args.classifier])
     only_digits(cfg, path)
     if args.guidance and not cfg.num_classes:
         raise UserError("--guidance: this checkpoint is unconditional (trained without --cond), so it has no "
                         "guidance to compare")
-    if args.guidance and args.n < 2 * cfg.num_classes:
-        raise UserError(f"--n {args.n}: comparing guidance needs at least two samples of each of the "
-                        f"{cfg.num_classes} classes, --n {2 * cfg.num_classes} or more")
-    device = schedule.betas.device
-    clf, cache = classifier_cache(args.classifier, args.data_dir, device)
+    if args.n < 2 * (cfg.num_classes if args.guidance else 1):
+        raise UserError(f"--n {args.n}: FID needs 2 samples, and comparing guidance 2 of each of the "
+                        f"{cfg.num_classes} classes")
+    clf, cache = classifier_cache(args.classifier, args.data_dir, schedule.betas.device)
     labels = digit_rows(args.n, 1, cfg.num_classes) if cfg.num_classes else None   # digits 0-9 in turn
     rows, firsts = [], []
     for name, sampler, s in [(f"{s:g}", Sampler(), s) for s in args.guidance or []] or \
             [(name, s, DEFAULT_GUIDANCE) for name, s in COMPARE]:
         t0 = time.time()
-        with blame("--batch-size", device):
+        with blame("--batch-size", schedule.betas.device):
             images = generate(eps_model, schedule, sampler, (args.n, *image_shape(cfg)), args.seed, args.batch_size,
                               None if labels is None else Guidance(labels, s, cfg.num_classes))
-        feats, probs = classify(clf, images, device)
+        feats, probs = classify(clf, images, schedule.betas.device)
         rows.append(dict(name=name, fid=fid(feats, cache), ms=1e3 * (time.time() - t0) / args.n, **class_stats(probs),
-                         **(class_accuracy(probs, labels) if labels is not None else {})))
-        rows[-1]["spread"] = same_digit_distance(images, labels) if args.guidance else None
+                         **(class_accuracy(probs, labels) if labels is not None else {}),
+                         spread=same_digit_distance(images, labels) if args.guidance else None))
         firsts.append(images[:cfg.num_classes if args.guidance else 10])
     print(f"N={args.n} per row, seed {args.seed}, the same x_T" + (" and labels (digits 0-9 in turn)" if labels is
           not None else "") + "; FID in classifier features vs MNIST test" + (
           f"; DDIM-{DDIM_STEPS}; spread: mean distance between two samples of a digit" if args.guidance else ""))
     if args.guidance:
-        print(f"{'guidance':>8} {'FID':>8} {'class acc':>9} {'confident':>9} {'spread':>7}")
-        print("\n".join(f"{r['name']:>8} {r['fid']:8.3f} {100 * r['class_accuracy']:8.1f}% "
-                        f"{100 * r['confident_share']:8.1f}% {r['spread']:7.3f}" for r in rows))
+        print(f"{'guidance':>8} {'FID':>8} {'class acc':>9} {'confident':>9} {'spread':>7}\n" + "\n".join(
+            f"{r['name']:>8} {r['fid']:8.3f} {100 * r['class_accuracy']:8.1f}% {100 * r['confident_share']:8.1f}% "
+            f"{r['spread']:7.3f}" for r in rows))
         picture = labeled_grid(torch.stack(firsts, dim=1), row_labels=range(cfg.num_classes),   # (digits, scales, ...)
                                col_labels=[f"s={r['name']}" for r in rows])
     else:
-        print(f"{'sampler':16} {'FID':>8} {'confident':>9} {'rarest':>7} {'ms/sample':>10}")
-        print("\n".join(f"{r['name']:16} {r['fid']:8.3f} {100 * r['confident_share']:8.1f}% "
-                        f"{100 * r['rarest_share']:6.1f}% {r['ms']:10.2f}" for r in rows))
+        print(f"{'sampler':16} {'FID':>8} {'confident':>9} {'rarest':>7} {'ms/sample':>10}\n" + "\n".join(
+            f"{r['name']:16} {r['fid']:8.3f} {100 * r['confident_share']:8.1f}% {100 * r['rarest_share']:6.1f}% "
+            f"{r['ms']:10.2f}" for r in rows))
         picture = labeled_grid(torch.stack(firsts), row_labels=[r["name"] for r in rows])
     save_png(picture, out)
     print(f"wrote {out}")
@@ -2191,15 +2118,11 @@ def cmd_bench(args):
         bench(cfg, device, args.reps, ["eager"] + ["compiled"] * args.compile +
               ["compiled + graph" if args.compile else "graph"] * args.cuda_graph)
 
-def some_digits(args):
-    """--n training digits picked by --seed."""
-    images, _ = read_data(RunConfig(), args.data_dir)
-    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:args.n]]
-
 def cmd_forward(args):
     check_out("--out", args.out, ".png")
-    save_png(forward_picture(some_digits(args), make_schedule(RunConfig(schedule=args.schedule)), seed=args.seed),
-             args.out)
+    images, _ = read_data(RunConfig(), args.data_dir)
+    images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:args.n]]
+    save_png(forward_picture(images, make_schedule(RunConfig(schedule=args.schedule)), seed=args.seed), args.out)
     print(f"wrote {args.out}: {args.n} digits at t = {', '.join(map(str, FORWARD_T))}, {args.schedule} schedule")
 
 def cmd_export(args):
@@ -2214,8 +2137,8 @@ def cmd_export(args):
           f"MB; {trained_note(record['trained'])}")
 
 def main(argv=None):
-    """Parse, run the command, and turn every UserError into one line and exit code 2: bad
-    input never shows a traceback."""
+    """Parse, run the command, and turn every UserError into one line and exit code 2: bad input
+    never shows a traceback."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
