@@ -526,9 +526,6 @@ class CifarUNet(UNet):
     def res_block(self, c_in, c_out, t_dim, size):
         return CifarResBlock(c_in, c_out, t_dim, self.p_dropout, size in self.attn_sizes)
 
-class ConditionalCifarUNet(ConditionalUNet, CifarUNet):
-    """II.1 and II.4 at once: a label embedding on the CIFAR-10 network."""
-
 def random_hflip(x, generator):
     """Mirror each image left-right with probability 1/2, as the DDPM paper trained CIFAR-10."""
     flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5      # (B,)
@@ -668,6 +665,8 @@ def config_from_dict(d, where):
     if cfg.num_classes not in (0, NUM_CLASSES) or not isinstance(cfg.hflip, bool) or \
             not isinstance(cfg.attn_sizes, (tuple, list)) or not all(isinstance(a, int) for a in cfg.attn_sizes):
         raise UserError(f"{where}: config num_classes, hflip or attn_sizes is malformed")
+    if cfg.num_classes and cfg.dataset != "mnist":
+        raise UserError(f"{where}: --cond asks for digits; the CIFAR-10 network here is unconditional")
     return replace(cfg, channels=check_channels(cfg.channels, f"{where}: config channels"),
                    attn_sizes=tuple(cfg.attn_sizes))
 
@@ -676,11 +675,11 @@ def image_shape(cfg):
 
 def make_unet(cfg):
     """The network a config describes: Part I's, or a Part II extension's."""
-    label = dict(num_classes=cfg.num_classes) if cfg.num_classes else {}
     if cfg.dataset == "cifar10":
-        cls = ConditionalCifarUNet if cfg.num_classes else CifarUNet
-        return cls(cfg.channels, cfg.num_res_blocks, cfg.attn_sizes, cfg.dropout, **label)
-    return (ConditionalUNet if cfg.num_classes else UNet)(cfg.channels, cfg.num_res_blocks, **label)
+        return CifarUNet(cfg.channels, cfg.num_res_blocks, cfg.attn_sizes, cfg.dropout)
+    if cfg.num_classes:
+        return ConditionalUNet(cfg.channels, cfg.num_res_blocks, num_classes=cfg.num_classes)
+    return UNet(cfg.channels, cfg.num_res_blocks)
 
 def make_schedule(cfg):
     return NoiseSchedule(cfg.T, cfg.beta_1, cfg.beta_T, cosine_betas if cfg.schedule == "cosine" else linear_betas)
@@ -737,21 +736,19 @@ def check_out(flag, path, suffix, inputs=(), folder=False):
     command's inputs, it never replaces a run's training checkpoint, and its folder exists and
     takes a file. Checked before any work, so a refusal loses nothing."""
     p = Path(path)
-    why = "names no file; give a file name" if p.name in ("", ".", "..") else \
-        f"must end in {suffix}, the kind of file this writes" if not folder and p.suffix.lower() != suffix else \
-        "is an input of this command; writing it would replace it" if any(
-            Path(i).resolve() == p.resolve() for i in inputs if i is not None) else \
-        "exists and is not an empty folder; pick a new folder" if folder and p.exists() and (
-            not p.is_dir() or any(p.iterdir())) else \
-        "is a folder; give a file name" if not folder and p.is_dir() else \
-        "holds a run's training state, which only that run may replace" if p.is_file() and "opt" in peek(p) else \
-        f"the folder {p.parent} does not exist" if not p.parent.is_dir() else None
-    if why:
-        raise UserError(f"{flag} {path}: {why}")
-    probe = p.parent / f".ddpm_write_test.{os.getpid()}"   # os.access can say yes where a write fails
-    try:
-        probe.open("wb").close()
-        probe.unlink()
+    for bad, why in [(p.name in ("", ".", ".."), "names no file; give a file name"),
+                     (not folder and p.suffix.lower() != suffix, f"must end in {suffix}, the kind of file this writes"),
+                     (any(Path(i).resolve() == p.resolve() for i in inputs if i is not None),
+                      "is an input of this command; writing it would replace it"),
+                     (folder and p.exists() and (not p.is_dir() or any(p.iterdir())), "is not a new or empty folder"),
+                     (not folder and p.is_dir(), "is a folder; give a file name"),
+                     (p.is_file() and "opt" in peek(p), "holds a run's training state, which only that run may replace"),
+                     (not p.parent.is_dir(), f"the folder {p.parent} does not exist")]:
+        if bad:
+            raise UserError(f"{flag} {path}: {why}")
+    try:                          # a real write: os.access can say yes where creating a file fails
+        (p.parent / f".ddpm_write_test.{os.getpid()}").open("wb").close()
+        (p.parent / f".ddpm_write_test.{os.getpid()}").unlink()
     except OSError:
         raise UserError(f"{flag} {path}: the folder {p.parent} is not writable") from None
 
@@ -971,24 +968,15 @@ def blame(flag, device):
 # processes take the same steps as one and a checkpoint resumes under any N.
 
 def torchrun_env():
-    """(rank, local rank, world size, processes on this machine), torchrun's variables checked:
-    set by hand, a wrong one leaves a process waiting for others that never come."""
+    """(rank, local rank, world size, processes on this machine) as torchrun sets them. Set by hand
+    instead, one wrong variable would leave a process waiting for others that never come."""
     env = os.environ
-    if "WORLD_SIZE" not in env:
+    if env.get("WORLD_SIZE", "1") == "1":
         return 0, 0, 1, 1
-    try:
-        world, rank, local, local_world = (int(env.get(k, d)) for k, d in (
-            ("WORLD_SIZE", ""), ("RANK", "0"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
-    except ValueError:
-        raise UserError(f"environment WORLD_SIZE, RANK, LOCAL_RANK or LOCAL_WORLD_SIZE is not an integer "
-                        f"(WORLD_SIZE={env['WORLD_SIZE']!r}, RANK={env.get('RANK')!r}); torchrun sets them") from None
-    if world < 1 or not 0 <= rank < world or not 0 <= local < max(1, local_world):
-        raise UserError(f"environment WORLD_SIZE={world} RANK={rank} LOCAL_RANK={local}: need WORLD_SIZE >= 1 "
-                        "and 0 <= RANK < WORLD_SIZE, as torchrun sets them")
-    if world > 1 and not (env.get("MASTER_ADDR") and env.get("TORCHELASTIC_RUN_ID")):
-        raise UserError(f"environment WORLD_SIZE={world}: several processes start with torchrun, which sets "
-                        "MASTER_ADDR and the rest; unset WORLD_SIZE to run one")
-    return rank, local, world, local_world
+    if not env.get("TORCHELASTIC_RUN_ID"):
+        raise UserError(f"environment WORLD_SIZE={env['WORLD_SIZE']!r}: several processes start with torchrun, which "
+                        "sets it with RANK, LOCAL_RANK and MASTER_ADDR; unset WORLD_SIZE to run one process")
+    return tuple(int(env[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"))
 
 def start_processes(args, cfg):
     """Under torchrun: check what every process must agree on, then join the group, giving up after
@@ -1016,9 +1004,8 @@ def start_processes(args, cfg):
     return device, rank, world
 
 def all_sum(x, world):
-    """Sum x over the processes, in place (nothing with one process)."""
     if world > 1:
-        torch.distributed.all_reduce(x)
+        torch.distributed.all_reduce(x)          # in place: the sum over the processes
     return x
 
 def leave(code, world):
@@ -1157,8 +1144,8 @@ def keep_books(bk, step, loss, t, err):
     epoch's files, set the next step's lr. True when the run should stop: at --max-steps, the time
     limit or Ctrl-C, which several processes agree on every LOSS_CHECK_EVERY steps, so none waits
     alone in a collective."""
-    n = bk.done = step + 1                                      # n: steps done
-    cfg, spe = bk.cfg, bk.steps_per_epoch
+    n, cfg, spe = step + 1, bk.cfg, bk.steps_per_epoch          # n: steps done
+    bk.done = n
     bk.sums[0] += loss / bk.world                               # each process's loss is of its share
     bins = 1 + t * NOISE_BINS // cfg.T                          # (B,) in 1..4; index_add_, unlike
     bk.sums.index_add_(0, bins, err)                            # bincount, never waits for the GPU
@@ -1703,11 +1690,6 @@ def bench(cfg, device, reps=5, modes=("eager",)):
               f" {recipe * step_s / B / 60:7.1f} m {secs[0]:9.2f} {secs[1]:11.2f}")
     print(f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}; {gflop:.3f} GFLOP forward per image,"
           f" TFLOP/s counts 3 x that" + ("" if device.type == "cuda" else "; sampling extrapolated from 5 steps"))
-    if device.type == "cuda":
-        print(f"peak memory: {torch.cuda.max_memory_allocated(device) / 2 ** 20:,.0f} MB CUDA allocated")
-    else:
-        import resource              # Unix's; the process's peak, in MB
-        print(f"peak memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB process RSS")
 
 # -----------------------------------------------------------------------------
 # III.12 The command line. Every check that can fail runs here, before slow work starts or any

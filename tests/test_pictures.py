@@ -64,7 +64,7 @@ def test_export_writes_the_ema_in_fp16_and_sampling_reads_it(tiny_run, tmp_path)
     assert np.abs(full - half).mean() < 2.0          # in uint8 levels, of 255
 
 
-@pytest.mark.parametrize("name", ["ema_fp16.pt", "ema_cpu_fp16.pt"])
+@pytest.mark.parametrize("name", ["ema_fp16.pt", "ema_cpu_fp16.pt", "ema_cond_fp16.pt"])
 def test_the_committed_fp16_weights_load(name):
     path = Path(__file__).parent.parent / "samples" / name
     e = torch.load(path, weights_only=True)
@@ -72,3 +72,4 @@ def test_the_committed_fp16_weights_load(name):
     model, cfg = dm.model_from_checkpoint(dm.load_checkpoint(path))
     assert dm.count_params(model) == sum(v.numel() for v in e["ema"].values())
     assert cfg.channels == dm.PRESETS[cfg.preset].channels
+    assert e["trained"]["step"] > 0 and e["trained"]["epochs"] > 1 and e["trained"]["device"].split()[0] in ("cpu", "cuda")

@@ -44,6 +44,7 @@ def test_sampling_without_a_run_uses_the_committed_weights_and_says_so(tmp_path)
     assert r.returncode == 0, r.stderr
     note = [l for l in r.stderr.splitlines() if l.startswith("note:")]
     assert len(note) == 1 and "samples/ema_fp16.pt" in note[0] and "train" in note[0]
+    assert "trained 8,335 steps (17.8 epochs) in 5.0 min on cuda (NVIDIA H100 80GB HBM3)" in note[0]   # how long
     assert Image.open(tmp_path / "x.png").size == (2 * 30 + 2, 2 * 30 + 2)      # 4 digits, 2 a row
     # an explicit --ckpt that does not exist stays an error
     r = cli("sample", "--ckpt", tmp_path / "nope.pt", "--out", tmp_path / "y.png", cwd=tmp_path)
