@@ -1076,14 +1076,15 @@ def restore(ckpt, p, path):
     own options (capturable, a device lr), so a checkpoint resumes in any mode."""
     mine = [dict(g) for g in p.opt.param_groups]
     try:
-        assert isinstance(ckpt["step"], int) and ckpt["step"] >= 0, f"step {ckpt['step']!r}"
+        if not isinstance(ckpt["step"], int) or ckpt["step"] < 0:
+            raise ValueError(f"step {ckpt['step']!r}")
         for part in ("model", "ema", "opt"):
             getattr(p, part).load_state_dict(ckpt[part])
         if ckpt.get("scaler") and isinstance(p.opt, ScaledOptimizer):
             p.opt.scaler.load_state_dict(ckpt["scaler"])
         p.gen.set_state(ckpt["rng"])
         float(ckpt["epoch_loss_sum"]), float(ckpt["seconds"]), list(ckpt["history"])
-    except (AssertionError, RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
         raise UserError(f"--resume: {path}: its training state does not fit this run ({type(e).__name__}: "
                         f"{(str(e).strip().splitlines() or [''])[0][:120]})") from None
     for g, m in zip(p.opt.param_groups, mine):
@@ -1117,11 +1118,10 @@ class Books:
     interrupted: bool = False
     done: int = 0
 
-def open_books(args, cfg, p, ckpt, steps_per_epoch, rank, world):
-    """Restore a checkpoint when resuming, make the run folder, start the clock and the bar, and
-    catch Ctrl-C, which then finishes the step, saves and leaves (a second Ctrl-C kills)."""
+def open_books(args, cfg, p, ckpt, start, steps_per_epoch, rank, world):
+    """Make the run folder, start the clock and the bar, and catch Ctrl-C, which then finishes the
+    step, saves and leaves (a second Ctrl-C kills). `ckpt`: a restored run's checkpoint, or None."""
     ck = ckpt or {}
-    start = restore(ckpt, p, Path(args.run_dir) / "ckpt.pt") if ckpt else 0
     total = min(args.max_steps or math.inf, cfg.epochs * steps_per_epoch)
     sums = torch.tensor([ck.get("epoch_loss_sum", 0.0), *ck.get("bin_loss_sums", [0.0] * NOISE_BINS),
                          *ck.get("bin_counts", [0.0] * NOISE_BINS)], device=p.gen.device) * (rank == 0)
@@ -1470,9 +1470,10 @@ def classifier_cache(path, data_dir, device):
         try:
             c = torch.load(check_in("--classifier", path), map_location="cpu", weights_only=True)
             clf = Classifier()
-            clf.load_state_dict(c["model"])
-            assert isinstance(c["test_accuracy"], float) and isinstance(c["n_test"], int)
-            assert c["test_mu"].shape == (128,) and c["test_sigma"].shape == (128, 128)
+            clf.load_state_dict(c["model"] if isinstance(c, dict) else None)   # the right tensors, or it raises
+            if not (isinstance(c["test_accuracy"], float) and isinstance(c["n_test"], int) and
+                    c["test_mu"].shape == (128,) and c["test_sigma"].shape == (128, 128)):
+                raise ValueError
         except Exception:
             raise UserError(f"--classifier {path}: not an evaluation classifier made by this program; delete it "
                             "to train one there, or give another path") from None
@@ -1911,19 +1912,20 @@ def cmd_train(args):
     why_not = graph_unsupported(device, world, dtype == torch.float16) if args.cuda_graph else "not asked for"
     with blame("--batch-size", device):
         p, loss_fn = build_run(cfg, device, world, args.compile, graph=not why_not)
+        start = restore(ckpt, p, Path(args.run_dir) / "ckpt.pt") if ckpt else 0
         if rank == 0:            # train's first lines: how the recipe departs from the case study's, then the run
             print("\n".join([f"recipe: --preset {cfg.preset}, departing from the case study's in"] * bool(
                 departures(cfg)) + [f"  {d}" for d in departures(cfg)] + [
                 f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}" + (
                     f", class-conditional (p_uncond {cfg.p_uncond})" if cfg.num_classes else "") + f"; device {device}"
                 + (f" x {world} processes" if world > 1 else "") + f"; {PRECISION_NAMES[dtype]} ({why}); {spe} steps/"
-                f"epoch, {cfg.epochs} epochs" + (f"; resuming at step {ckpt['step']}" if ckpt else ""),
+                f"epoch, {cfg.epochs} epochs" + (f"; resuming at step {start}" if ckpt else ""),
                 f"step: {'compiled' if args.compile else 'eager'}" + (" and captured as a CUDA graph" if not why_not else
                                                                       f" (--cuda-graph: {why_not})" * args.cuda_graph)]))
             if device.type == "cpu" and cfg.preset == "paper":
                 note("note: the case-study recipe takes many hours on a CPU; `--preset cpu` makes digits in about "
                      "12 minutes on 2 cores (README, Set up)")
-        bk = open_books(args, cfg, p, ckpt, spe, rank, world)
+        bk = open_books(args, cfg, p, ckpt, start, spe, rank, world)
         data = images.to(device)
         draw = training_draw(cfg, data, labels.to(device), p, rank, world)
         (train if why_not else train_graphed)(cfg, data, p, bk.start, lambda *a: keep_books(bk, *a), draw, loss_fn)
@@ -2016,7 +2018,7 @@ def cmd_evaluate(args):
         if args.guidance is not None or args.weights != "ema":
             raise UserError(f"{'--guidance' if args.guidance is not None else '--weights'}: with --samples nothing "
                             "is sampled; leave it out")
-        out = Path(args.out or Path(args.samples).with_name("evaluate.json"))   # the report goes beside what it scores
+        out = Path(args.out or check_in("--samples", args.samples).with_name("evaluate.json"))   # beside what it scores
         check_out("--out", out, ".json", [args.samples, args.classifier])
         check_classifier(args, [args.samples, out])
         samples, labels = read_samples(args.samples)
@@ -2024,8 +2026,8 @@ def cmd_evaluate(args):
     else:           # the committed weights' folder is the project's: their report goes to the current folder
         path = checkpoint_to_sample(args.ckpt)
         out = Path(args.out or ("evaluate.json" if path.resolve() == SHIPPED_CKPT else path.with_name("evaluate.json")))
-        check_classifier(args, [path, out])
         eps_model, schedule, cfg, _ = load_for_sampling(args, out, ".json", [args.classifier])
+        check_classifier(args, [path, out])
         only_digits(cfg, path)
         guide = guidance_from_args(args, cfg, args.n, 1)       # conditional: digits 0-9 in turn
         read_data(cfg, args.data_dir)                         # fail now, not after sampling
@@ -2052,8 +2054,8 @@ def cmd_compare(args):
     of scores and a picture of the first samples of each."""
     out = args.out or ("samples/guidance.png" if args.guidance else "samples/compare.png")
     path = checkpoint_to_sample(args.ckpt)
-    check_classifier(args, [path, out])
     eps_model, schedule, cfg, _ = load_for_sampling(args, out, ".png", [args.classifier])
+    check_classifier(args, [path, out])
     only_digits(cfg, path)
     if args.guidance and not cfg.num_classes:
         raise UserError("--guidance: this checkpoint is unconditional (trained without --cond), so it has no "
