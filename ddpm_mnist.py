@@ -1190,7 +1190,7 @@ def check_losses(bk, n):
                  "Try a smaller --lr, or --precision fp32.")
         leave(1, bk.world)
     # images/s of this invocation: tqdm's own rate stays unset until a redraw, a minute into a log
-    bk.bar.set_postfix(loss=f"{recent.mean().item():.4f}",
+    bk.bar.set_postfix(loss=f"{recent.mean().item():.4f}", refresh=False,     # tqdm redraws at its own pace
                        img_s=f"{(n - bk.start) * bk.cfg.batch_size / max(time.time() - bk.t_open, 1e-9):.0f}")
     bk.bar.update(len(bk.recent))
     bk.recent = []
