@@ -154,15 +154,6 @@ def test_the_training_bar_shows_images_per_second_in_a_log(mnist_dir, tmp_path, 
     assert rates and all(r > 0 for r in rates), rates
 
 
-def test_atomic_write_works_where_folders_cannot_be_opened(tmp_path, monkeypatch):
-    """Windows refuses os.open on a folder; the file must still be written."""
-    def refuse(path, flags, *a):
-        raise PermissionError(13, "Permission denied", str(path))
-    monkeypatch.setattr(dm.os, "open", refuse)
-    dm.atomic_write(tmp_path / "f.bin", lambda f: f.write(b"data"))
-    assert (tmp_path / "f.bin").read_bytes() == b"data"
-
-
 def test_bf16_auto_falls_back_to_fp32_without_the_onednn_query(monkeypatch):
     class NoQuery:
         pass
