@@ -2011,9 +2011,10 @@ def cmd_evaluate(args):
         check_classifier(args, [args.samples, out])
         samples, labels = read_samples(args.samples)
         source = dict(samples_from=f"read from {args.samples}", samples_file=str(args.samples))
-    else:           # the committed weights' folder is the project's: their report goes to the current folder
+    else:           # samples/ is the project's: a report on committed weights goes to the current folder
         path = checkpoint_to_sample(args.ckpt)
-        out = Path(args.out or ("evaluate.json" if path.resolve() == SHIPPED_CKPT else path.with_name("evaluate.json")))
+        committed = path.resolve().parent == SHIPPED_CKPT.parent
+        out = Path(args.out or ("evaluate.json" if committed else path.with_name("evaluate.json")))
         eps_model, schedule, cfg, _ = load_for_sampling(args, out, ".json", [args.classifier])
         check_classifier(args, [path, out])
         only_digits(cfg, path)

@@ -66,6 +66,16 @@ def test_evaluate_of_an_npz_reports_beside_it_and_names_no_checkpoint(tiny_run, 
     assert "ckpt" not in report and report["samples_file"].endswith("s.npz")
 
 
+def test_evaluate_of_any_committed_weights_reports_in_the_current_folder(mnist_dir, classifier, tmp_path,
+                                                                           monkeypatch):
+    """samples/ is the project's: a report there would sit among the committed files."""
+    monkeypatch.chdir(tmp_path)
+    dm.main(["evaluate", "--ckpt", str(ROOT / "samples" / "ema_cpu_fp16.pt"), "--n", "2", "--steps", "1",
+             "--data-dir", str(mnist_dir), "--classifier", str(classifier), "--device", "cpu"])
+    assert json.loads((tmp_path / "evaluate.json").read_text())["n"] == 2
+    assert not (ROOT / "samples" / "evaluate.json").exists()
+
+
 def test_a_batch_larger_than_the_data_is_refused_before_anything_is_written(mnist_dir, tmp_path):
     r = cli("train", *TINY_ARGS[:-4], "--batch-size", "100000", "--data-dir", mnist_dir,
             "--run-dir", tmp_path / "new", "--device", "cpu")
