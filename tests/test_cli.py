@@ -52,7 +52,7 @@ def test_preset_cpu_builds_the_network_it_says(mnist_dir, tmp_path):
     assert tuple(ck["config"]["channels"]) == (32, 64, 128, 128) and ck["config"]["preset"] == "cpu"
     assert ck["model"]["stem.weight"].shape == (32, 1, 3, 3)
     assert ck["config"]["lr"] == dm.PRESETS["cpu"].lr and ck["config"]["epochs"] == dm.PRESETS["cpu"].epochs
-    # the measured short-run recipe (README, "A faster CPU recipe"); the case study keeps none of it
+    # the measured short-run recipe (samples/README.md, the lever table); the case study keeps none of it
     c = ck["config"]
     assert (c["schedule"], c["lr_schedule"], c["warmup_steps"], c["min_snr_gamma"], c["epochs"]) == \
         ("cosine", "cosine", 100, 5.0, 2) and dm.PRESETS["cpu"].batch_size == 32
