@@ -637,8 +637,8 @@ def check_number(name, v, what):
     """v held to RANGES[name]; `what` names the flag or the file, and the value, in the refusal."""
     kind, lo, hi = RANGES[name]
     is_int = isinstance(v, int) and not isinstance(v, bool)
-    if not (is_int if kind == "int" else (is_int or isinstance(v, float)) and math.isfinite(v)) or \
-            v > hi or v < lo or (kind == "float>" and v == lo):
+    ok = is_int if kind == "int" else ((is_int or isinstance(v, float)) and math.isfinite(v))
+    if not ok or v > hi or v < lo or (kind == "float>" and v == lo):
         raise UserError(f"{what}: need {'an integer' if kind == 'int' else 'a number'} "
                         + (f"above {lo} and at most {hi}" if kind == "float>" else f"from {lo} to {hi}"))
     return v
@@ -1542,10 +1542,9 @@ def same_digit_distance(images, labels):
     return float(torch.stack([torch.pdist(x[labels == d]).mean() for d in labels.unique()
                               if (labels == d).sum() > 1]).mean())
 
-def evaluate_samples(samples, clf, cache, data_dir, device, seed=0, labels=None):
+def evaluate_samples(samples, clf, cache, train_x, test_x, device, seed=0, labels=None):
     """Everything `evaluate` reports for uint8 samples (N, 28, 28), with class accuracy when
-    the labels they were asked for are known."""
-    (train_x, _), (test_x, _) = read_data(RunConfig(), data_dir), read_data(RunConfig(), data_dir, train=False)
+    the labels they were asked for are known; train_x and test_x: MNIST's images."""
     feats, probs = classify(clf, samples, device)
     real = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:len(samples)]]
     return dict(feature_extractor="ddpm_mnist Classifier, penultimate layer (128-d)",
@@ -1883,10 +1882,11 @@ def train_config(args):
 
 def cmd_train(args):
     cfg, ckpt = train_config(args)
-    p = Path(args.run_dir)
-    existing = next(a for a in [p, *p.parents] if a.exists())   # train makes the folder and its parents
+    run_dir = Path(args.run_dir)
+    existing = next(a for a in [run_dir, *run_dir.parents] if a.exists())    # train makes it and its parents
     if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise UserError(f"--run-dir {args.run_dir}: {existing} is {'a file' if p == existing else 'not writable'}")
+        raise UserError(f"--run-dir {args.run_dir}: {existing} is "
+                        f"{'a file' if run_dir == existing else 'not writable'}")
     device, rank, world = start_processes(args, cfg)
     set_fast_math(device)
     images, labels = read_data(cfg, args.data_dir)
@@ -1894,30 +1894,43 @@ def cmd_train(args):
     total = min(args.max_steps or math.inf, cfg.epochs * spe)
     if spe == 0 or ckpt and isinstance(ckpt["step"], int) and ckpt["step"] >= total:
         raise UserError(f"--batch-size {cfg.batch_size}: larger than the {len(images)} training images" if spe == 0
-                        else f"--resume: {p / 'ckpt.pt'} is at step {ckpt['step']} already; give more --epochs "
+                        else f"--resume: {run_dir / 'ckpt.pt'} is at step {ckpt['step']} already; give more --epochs "
                              f"(or a larger --max-steps) than the {total} steps asked for")
     dtype, why = choose_precision(device, cfg.precision)
     why_not = graph_unsupported(device, world, dtype == torch.float16) if args.cuda_graph else "not asked for"
+    step = "compiled" if args.compile else "eager"
+    if not why_not:
+        step += " and captured as a CUDA graph"
+    elif args.cuda_graph:
+        step += f" (--cuda-graph: {why_not})"
     with blame("--batch-size", device):
         p, loss_fn = build_run(cfg, device, world, args.compile, graph=not why_not)
-        start = restore(ckpt, p, Path(args.run_dir) / "ckpt.pt") if ckpt else 0
-        if rank == 0:            # train's first lines: how the recipe departs from the case study's, then the run
-            print("\n".join([f"recipe: --preset {cfg.preset}, departing from the case study's in"] * bool(
-                departures(cfg)) + [f"  {d}" for d in departures(cfg)] + [
-                f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}" + (
-                    f", class-conditional (p_uncond {cfg.p_uncond})" if cfg.num_classes else "") + f"; device {device}"
-                + (f" x {world} processes" if world > 1 else "") + f"; {PRECISION_NAMES[dtype]} ({why}); {spe} steps/"
-                f"epoch, {cfg.epochs} epochs" + (f"; resuming at step {start}" if ckpt else ""),
-                f"step: {'compiled' if args.compile else 'eager'}" + (" and captured as a CUDA graph" if not why_not else
-                                                                      f" (--cuda-graph: {why_not})" * args.cuda_graph)]))
-            if device.type == "cpu" and cfg.preset == "paper":
-                note("note: the case-study recipe takes many hours on a CPU; `--preset cpu` makes digits in about "
-                     "12 minutes on 2 cores (README, Set up)")
+        start = restore(ckpt, p, run_dir / "ckpt.pt") if ckpt else 0
+        if rank == 0:
+            describe_run(cfg, p, device, world, f"{PRECISION_NAMES[dtype]} ({why})", spe,
+                         start if ckpt else None, step)
         bk = open_books(args, cfg, p, ckpt, start, spe, rank, world)
         data = images.to(device)
         draw = training_draw(cfg, data, labels.to(device), p, rank, world)
         (train if why_not else train_graphed)(cfg, data, p, bk.start, lambda *a: keep_books(bk, *a), draw, loss_fn)
     close_books(bk)
+
+def describe_run(cfg, p, device, world, precision, spe, resumed_at, step):
+    """train's first lines: how the recipe departs from the case study's, then the run."""
+    changes = departures(cfg)
+    if changes:
+        print(f"recipe: --preset {cfg.preset}, departing from the case study's in")
+    for change in changes:
+        print(f"  {change}")
+    print(f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}"
+          + (f", class-conditional (p_uncond {cfg.p_uncond})" if cfg.num_classes else "")
+          + f"; device {device}" + (f" x {world} processes" if world > 1 else "") + f"; {precision}; "
+          + f"{spe} steps/epoch, {cfg.epochs} epochs"
+          + (f"; resuming at step {resumed_at}" if resumed_at is not None else ""))
+    print(f"step: {step}")
+    if device.type == "cpu" and cfg.preset == "paper":
+        note("note: the case-study recipe takes many hours on a CPU; `--preset cpu` makes digits in about "
+             "12 minutes on 2 cores (README, Set up)")
 
 def sampler_from_args(args, T):
     """The Sampler the flags ask for; DDPM takes all T steps and has no eta."""
@@ -2010,6 +2023,7 @@ def cmd_evaluate(args):
         check_out("--out", out, ".json", [args.samples, args.classifier])
         check_classifier(args, [args.samples, out])
         samples, labels = read_samples(args.samples)
+        train_x = read_data(RunConfig(), args.data_dir)[0]
         source = dict(samples_from=f"read from {args.samples}", samples_file=str(args.samples))
     else:           # samples/ is the project's: a report on committed weights goes to the current folder
         path = checkpoint_to_sample(args.ckpt)
@@ -2019,7 +2033,7 @@ def cmd_evaluate(args):
         check_classifier(args, [path, out])
         only_digits(cfg, path)
         guide = guidance_from_args(args, cfg, args.n, 1)       # conditional: digits 0-9 in turn
-        read_data(cfg, args.data_dir)                         # fail now, not after sampling
+        train_x = read_data(cfg, args.data_dir)[0]            # now: a missing data set fails before sampling
         t0 = time.time()
         with blame("--batch-size", device):
             samples = generate(eps_model, schedule, sampler, (args.n, *IMAGE_SHAPES[cfg.dataset]), args.seed,
@@ -2029,7 +2043,8 @@ def cmd_evaluate(args):
             f", guidance {guide.scale:g}" if guide else "") + f", {args.weights} weights, {time.time() - t0:.0f} s on "
             f"{device}", ckpt=str(path), **({"guidance": guide.scale} if guide else {}))
     clf, cache = classifier_cache(args.classifier, args.data_dir, device)
-    r = dict(evaluate_samples(samples, clf, cache, args.data_dir, device, args.seed, labels), **source)
+    test_x = read_data(RunConfig(), args.data_dir, train=False)[0]
+    r = dict(evaluate_samples(samples, clf, cache, train_x, test_x, device, args.seed, labels), **source)
     print(report_table(r))
     save_text(json.dumps(r, indent=2) + "\n", out)
     print(f"wrote {out}")
@@ -2042,8 +2057,7 @@ def cmd_compare(args):
     """Samplers, or with --guidance guidance scales (II.2), from the same x_T and labels: a table
     of scores and a picture of the first samples of each."""
     out = args.out or ("samples/guidance.png" if args.guidance else "samples/compare.png")
-    path = checkpoint_to_sample(args.ckpt)
-    eps_model, schedule, cfg, _ = load_for_sampling(args, out, ".png", [args.classifier])
+    eps_model, schedule, cfg, path = load_for_sampling(args, out, ".png", [args.classifier])
     check_classifier(args, [path, out])
     only_digits(cfg, path)
     if args.guidance and not cfg.num_classes:
@@ -2054,13 +2068,16 @@ def cmd_compare(args):
                         f"{cfg.num_classes} classes")
     clf, cache = classifier_cache(args.classifier, args.data_dir, schedule.betas.device)
     labels = digit_rows(args.n, 1, cfg.num_classes) if cfg.num_classes else None   # digits 0-9 in turn
+    if args.guidance:                                 # one sampler, each scale
+        runs = [(f"{s:g}", Sampler(), s) for s in args.guidance]
+    else:                                             # each sampler, one scale (for a conditional model)
+        runs = [(name, sampler, DEFAULT_GUIDANCE) for name, sampler in COMPARE]
     rows, firsts = [], []
-    for name, sampler, s in [(f"{s:g}", Sampler(), s) for s in args.guidance or []] or \
-            [(name, s, DEFAULT_GUIDANCE) for name, s in COMPARE]:
+    for name, sampler, scale in runs:
         t0 = time.time()
         with blame("--batch-size", schedule.betas.device):
             images = generate(eps_model, schedule, sampler, (args.n, *IMAGE_SHAPES[cfg.dataset]), args.seed,
-                              args.batch_size, None if labels is None else Guidance(labels, s, cfg.num_classes))
+                              args.batch_size, None if labels is None else Guidance(labels, scale, cfg.num_classes))
         feats, probs = classify(clf, images, schedule.betas.device)
         rows.append(dict(name=name, fid=fid(feats, cache), ms=1e3 * (time.time() - t0) / args.n, **class_stats(probs),
                          **(class_accuracy(probs, labels) if labels is not None else {}),
