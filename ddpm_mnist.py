@@ -573,16 +573,17 @@ def min_snr_loss(gamma, loss_fn=diffusion_loss):
 # resume, precision and the fast paths, several processes, sampling to files, evaluation,
 # pictures, bench and the command line. None of it changes what is computed.
 # =============================================================================
-import argparse, contextlib, csv, io, json, os, pickle, signal, sys, time, warnings   # the tool's, not the DDPM's
-from dataclasses import asdict, field, fields, replace
+import argparse, contextlib, json, os, pickle, signal, sys, tempfile, time, warnings   # the tool's, not the DDPM's
+from dataclasses import asdict, fields, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-class UserError(Exception):
-    """Bad input: main() prints the message as one line and exits with code 2."""
+class UserError(argparse.ArgumentTypeError):
+    """Bad input, one line and exit code 2: from main(), or from argparse where a flag's type raises it."""
 
 def note(text):
     print(text, file=sys.stderr)
@@ -684,12 +685,6 @@ def make_schedule(cfg):
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
 
-def departures(cfg):
-    """Each way a config's recipe departs from the case study's, 'name value (case study: value)'."""
-    paper = PRESETS["paper"]
-    return [f"{f.name} {getattr(cfg, f.name)} (case study: {getattr(paper, f.name)})" for f in fields(RunConfig)
-            if f.name not in ("preset", "precision", "seed", "grid_n") and getattr(cfg, f.name) != getattr(paper, f.name)]
-
 # -----------------------------------------------------------------------------
 # III.2 Files that survive a kill at any instant and never replace what is not theirs.
 
@@ -737,8 +732,7 @@ def check_out(flag, path, suffix, inputs=(), folder=False):
         if bad:
             raise UserError(f"{flag} {path}: {why}")
     try:                          # a real write: os.access can say yes where creating a file fails
-        (p.parent / f".ddpm_write_test.{os.getpid()}").open("wb").close()
-        (p.parent / f".ddpm_write_test.{os.getpid()}").unlink()
+        tempfile.TemporaryFile(dir=p.parent).close()
     except OSError:
         raise UserError(f"{flag} {path}: the folder {p.parent} is not writable") from None
 
@@ -758,10 +752,6 @@ def progress_bar(**kw):
 GRID_PAD = 2                     # white lines between the cells of a grid, in pixels
 GRID_COLUMNS = 8                 # samples per row of the per-epoch grids
 
-def to_image(a):
-    """uint8 (H, W) or (H, W, 3) tensor -> PIL grey or RGB image."""
-    return Image.fromarray(a.cpu().numpy())
-
 def grid_image(images_uint8, nrow=GRID_COLUMNS):
     """uint8 (N, H, W[, 3]) -> one picture, nrow a row, 2 px white lines around each: torchvision's
     make_grid, which makes grey RGB and leaves a lone image unframed."""
@@ -769,7 +759,7 @@ def grid_image(images_uint8, nrow=GRID_COLUMNS):
     x = images_uint8.cpu()
     x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)            # (N, C, H, W)
     g = make_grid(x, nrow, padding=GRID_PAD, pad_value=255) if len(x) > 1 else F.pad(x[0], (GRID_PAD,) * 4, value=255)
-    return to_image(g[0] if x.shape[1] == 1 else g.permute(1, 2, 0))
+    return Image.fromarray((g[0] if x.shape[1] == 1 else g.permute(1, 2, 0)).numpy())
 
 # -----------------------------------------------------------------------------
 # III.3 Checkpoints: written atomically, read without running code, checked before use.
@@ -817,13 +807,6 @@ def checkpoint_to_sample(ckpt_flag):
     if ckpt_flag is not None:
         return Path(ckpt_flag)
     return DEFAULT_CKPT if DEFAULT_CKPT.exists() or not SHIPPED_CKPT.exists() else SHIPPED_CKPT
-
-def training_record(ckpt, cfg):
-    """How long a model trained, as exports keep it: steps, epochs, seconds, device."""
-    if isinstance(ckpt.get("trained"), dict) or not isinstance(ckpt.get("step"), int):
-        return ckpt.get("trained")
-    spe = ckpt.get("steps_per_epoch", TRAIN_IMAGES[cfg.dataset] // cfg.batch_size)
-    return dict(step=ckpt["step"], epochs=ckpt["step"] / spe, seconds=ckpt.get("seconds"), device=ckpt.get("device"))
 
 def trained_note(r):
     if not isinstance(r, dict):
@@ -955,24 +938,17 @@ def blame(flag, device):
 # generator and keeps its share, and DistributedDataParallel averages the gradients, so N
 # processes take the same steps as one and a checkpoint resumes under any N.
 
-def torchrun_env():
-    """(rank, local rank, world size, processes on this machine) as torchrun sets them. Set by hand
-    instead, one wrong variable would leave a process waiting for others that never come."""
-    env = os.environ
-    if env.get("WORLD_SIZE", "1") == "1":
-        return 0, 0, 1, 1
-    if not env.get("TORCHELASTIC_RUN_ID"):
-        raise UserError(f"environment WORLD_SIZE={env['WORLD_SIZE']!r}: several processes start with torchrun, which "
-                        "sets it with RANK, LOCAL_RANK and MASTER_ADDR; unset WORLD_SIZE to run one process")
-    return tuple(int(env[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"))
-
 def start_processes(args, cfg):
     """Under torchrun: check what every process must agree on, then join the group, giving up after
     a minute rather than waiting forever. Returns (device, rank, world)."""
-    rank, local_rank, world, local_world = torchrun_env()
+    env = os.environ             # torchrun sets these; set by hand, one wrong one would leave a process waiting
+    if env.get("WORLD_SIZE", "1") != "1" and not env.get("TORCHELASTIC_RUN_ID"):
+        raise UserError(f"environment WORLD_SIZE={env['WORLD_SIZE']!r}: several processes start with torchrun, which "
+                        "sets it with RANK, LOCAL_RANK and MASTER_ADDR; unset WORLD_SIZE to run one process")
     device = resolve_device(args.device)
-    if world == 1:
+    if env.get("WORLD_SIZE", "1") == "1":
         return device, 0, 1
+    rank, local_rank, world, local_world = (int(env[k]) for k in "RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE".split())
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size}: must divide evenly over the {world} processes "
                         "(it is the global batch)")
@@ -1084,38 +1060,22 @@ def restore(ckpt, p, path):
 NOISE_BINS = 4
 LOSS_CHECK_EVERY = 50            # steps between NaN checks and progress-bar updates
 
-@dataclass
-class Books:
-    """A run's files, sums and clock: what keep_books updates after each step. Under torchrun
-    every process keeps its own; process 0 alone writes and prints."""
-    args: argparse.Namespace     # run_dir, max_minutes, ckpt_every
-    cfg: RunConfig
-    p: Parts
-    steps_per_epoch: int
-    total: int                   # where this invocation stops: the plan's end, or --max-steps
-    world: int
-    lead: bool                   # process 0
-    log: dict                    # history and seconds, kept in every checkpoint
-    sums: torch.Tensor           # the epoch's loss sum, then loss sums and counts per quarter of t
-    start: int                   # the step this invocation began at; done: where it stopped
-    last_good: int               # the step of the last checkpoint, None before one
-    bar: tqdm
-    seconds0: float              # the training time before this invocation
-    t_open: float = field(default_factory=time.time)
-    recent: list = field(default_factory=list)     # losses since the last check: a check waits for the GPU
-    interrupted: bool = False
-    done: int = 0
-
-def open_books(args, cfg, p, ckpt, start, steps_per_epoch, rank, world):
-    """Make the run folder, start the clock and the bar, and catch Ctrl-C, which then finishes the
-    step, saves and leaves (a second Ctrl-C kills). `ckpt`: a restored run's checkpoint, or None."""
+def open_books(args, cfg, p, ckpt, start, steps_per_epoch, total, rank, world):
+    """A run's books, which keep_books updates after each step: its files, loss sums, clock and bar.
+    Makes the run folder and catches Ctrl-C, which then finishes the step, saves and leaves (a second
+    Ctrl-C kills). Under torchrun every process keeps its own; process 0 alone writes and prints.
+    `ckpt`: a restored run's checkpoint, or None; `total`: where this invocation stops."""
     ck = ckpt or {}
-    total = min(args.max_steps or math.inf, cfg.epochs * steps_per_epoch)
-    sums = torch.tensor([ck.get("epoch_loss_sum", 0.0), *ck.get("bin_loss_sums", [0.0] * NOISE_BINS),
-                         *ck.get("bin_counts", [0.0] * NOISE_BINS)], device=p.gen.device) * (rank == 0)
-    bk = Books(args, cfg, p, steps_per_epoch, total, world, rank == 0,    # the saved totals go to process 0
-               dict(history=ck.get("history", []), seconds=ck.get("seconds", 0.0)), sums, start, start if ckpt
-               else None, progress_bar(total=total, initial=start, unit="step", disable=rank != 0), ck.get("seconds", 0))
+    bk = SimpleNamespace(
+        args=args, cfg=cfg, p=p, steps_per_epoch=steps_per_epoch, total=total, world=world, lead=rank == 0,
+        start=start, done=0, interrupted=False, t_open=time.time(), seconds0=ck.get("seconds", 0.0),
+        history=ck.get("history", []), seconds=ck.get("seconds", 0.0),   # both kept in every checkpoint
+        # the epoch's loss sum, then loss sums and counts per quarter of t; the saved totals go to process 0
+        sums=torch.tensor([ck.get("epoch_loss_sum", 0.0), *ck.get("bin_loss_sums", [0.0] * NOISE_BINS),
+                           *ck.get("bin_counts", [0.0] * NOISE_BINS)], device=p.gen.device) * (rank == 0),
+        last_good=start if ckpt else None,       # the step of the last checkpoint
+        recent=[],                               # losses since the last check: a check waits for the GPU
+        bar=progress_bar(total=total, initial=start, unit="step", disable=rank != 0))
     if bk.lead:
         Path(args.run_dir).mkdir(parents=True, exist_ok=True)
         save_text(json.dumps(asdict(cfg), indent=2) + "\n", Path(args.run_dir) / "config.json")
@@ -1147,18 +1107,18 @@ def keep_books(bk, step, loss, t, err):
     save = n % spe == 0 or stop or (bk.args.ckpt_every and n % bk.args.ckpt_every == 0)
     if len(bk.recent) == LOSS_CHECK_EVERY or save:
         check_losses(bk, n)
-    bk.log["seconds"] = bk.seconds0 + time.time() - bk.t_open
+    bk.seconds = bk.seconds0 + time.time() - bk.t_open
     if save:
         bk.sums.copy_(all_sum(bk.sums, bk.world) * bk.lead)     # the totals, on process 0 alone
         if n % spe == 0:
             by_t = (bk.sums[1:1 + NOISE_BINS] / bk.sums[1 + NOISE_BINS:].clamp(min=1)).tolist()
-            bk.log["history"].append(dict(epoch=n // spe, step=n, seconds=bk.log["seconds"],
+            bk.history.append(dict(epoch=n // spe, step=n, seconds=bk.seconds,
                                           mean_loss=bk.sums[0].item() / spe, loss_by_t=by_t))
             bk.sums.zero_()
         if bk.lead:           # the checkpoint first: a grid that fails loses no training
             save_checkpoint(bk, n)
             if n % spe == 0:
-                write_loss_csv(bk.log["history"], Path(bk.args.run_dir) / "loss.csv", cfg.T)
+                write_loss_csv(bk.history, Path(bk.args.run_dir) / "loss.csv", cfg.T)
                 if cfg.grid_n:
                     epoch_grid(bk.p, cfg, Path(bk.args.run_dir) / f"grid_epoch{n // spe:03d}.png")
         bk.last_good = n
@@ -1190,7 +1150,7 @@ def save_checkpoint(bk, step):
         scaler=scaler.state_dict() if scaler else {}, step=step, rng=p.gen.get_state(),
         steps_per_epoch=bk.steps_per_epoch, epoch_loss_sum=bk.sums[0].item(),
         bin_loss_sums=bk.sums[1:1 + NOISE_BINS].tolist(), bin_counts=bk.sums[1 + NOISE_BINS:].tolist(),
-        history=bk.log["history"], seconds=bk.log["seconds"], versions=dict(torch=str(torch.__version__)),
+        history=bk.history, seconds=bk.seconds, versions=dict(torch=str(torch.__version__)),
         device=f"cuda ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else dev.type), f))
 
 def close_books(bk):
@@ -1201,19 +1161,16 @@ def close_books(bk):
         note(f"interrupted: saved {ckpt} at step {bk.done}; continue with\n"
              f"  python ddpm_mnist.py train --run-dir {bk.args.run_dir} --resume")
     elif bk.lead:
-        print(f"saved {ckpt} at step {bk.done} ({bk.log['seconds']:.0f} s of training)"
+        print(f"saved {ckpt} at step {bk.done} ({bk.seconds:.0f} s of training)"
               + ("; continue with --resume" if bk.done < bk.cfg.epochs * bk.steps_per_epoch else ""))
     leave(130 if bk.interrupted else None, bk.world)
 
 def write_loss_csv(history, path, T):
-    out = io.StringIO()
-    w = csv.writer(out, lineterminator="\n")
-    w.writerow(["epoch", "step", "mean_loss", "seconds"] +
-               [f"loss_t{b * T // NOISE_BINS + 1}-{(b + 1) * T // NOISE_BINS}" for b in range(NOISE_BINS)])
-    for row in history:
-        by_t = [f"{v:.6f}" for v in row.get("loss_by_t", [])]  # absent in runs from older versions
-        w.writerow([row["epoch"], row["step"], f"{row['mean_loss']:.6f}", f"{row['seconds']:.1f}", *by_t])
-    save_text(out.getvalue(), path)
+    head = ["epoch", "step", "mean_loss", "seconds"] + [f"loss_t{b * T // NOISE_BINS + 1}-{(b + 1) * T // NOISE_BINS}"
+                                                        for b in range(NOISE_BINS)]
+    rows = [[row["epoch"], row["step"], f"{row['mean_loss']:.6f}", f"{row['seconds']:.1f}",
+             *(f"{v:.6f}" for v in row.get("loss_by_t", []))] for row in history]   # loss_by_t: absent in old runs
+    save_text("".join(",".join(map(str, r)) + "\n" for r in [head, *rows]), path)
 
 def digit_rows(n, ncol, num_classes):
     """Labels for n samples laid out ncol to a row: row r asks for class r mod num_classes."""
@@ -1387,7 +1344,7 @@ def write_samples(images, out, fmt, labels=None):
     else:
         Path(out).mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(images):
-            save_png(to_image(im), Path(out) / f"{i:06d}.png")
+            save_png(Image.fromarray(im.numpy()), Path(out) / f"{i:06d}.png")
 
 def read_samples(path):
     """uint8 images (N, 28, 28) and, if the file holds them, the labels they were asked for."""
@@ -1558,24 +1515,21 @@ def evaluate_samples(samples, clf, cache, train_x, test_x, device, seed=0, label
 # III.10 Pictures that teach: the forward process, the denoising trajectory, DDPM against
 # DDIM. Every t on a picture is the paper's.
 
-def labeled_grid(cells, row_labels=(), col_labels=(), scale=2, pad=GRID_PAD):
-    """uint8 cells (R, C, H, W[, 3]) -> a PIL image, labels left of the rows and under the columns."""
-    R, C, H, W = cells.shape[:4]
-    sh, sw, font = H * scale, W * scale, ImageFont.load_default()
-    left = 8 + int(max(ImageDraw.Draw(Image.new("L", (1, 1))).textlength(str(l), font=font) for l in row_labels)) \
-        if len(row_labels) else 0
-    lines = max((str(l).count("\n") + 1 for l in col_labels), default=0)
-    img = Image.new("RGB" if cells.dim() == 5 else "L", (left + pad + C * (sw + pad),
-                                                        pad + R * (sh + pad) + 13 * lines + 4 * bool(lines)), "white")
+def labeled_grid(cells, row_labels=(), col_labels=(), scale=2):
+    """uint8 cells (R, C, H, W[, 3]) -> a PIL image: grid_image of the cells, `scale` times
+    larger, with labels left of the rows and under the columns."""
+    C, H, W = cells.shape[1], scale * cells.shape[2], scale * cells.shape[3]
+    grid = grid_image(cells.flatten(0, 1).repeat_interleave(scale, 1).repeat_interleave(scale, 2), nrow=C)
+    font, measure = ImageFont.load_default(), ImageDraw.Draw(Image.new("L", (1, 1))).textlength
+    left = 8 + int(max(measure(str(l), font=font) for l in row_labels)) if len(row_labels) else 0
+    lines = max((str(l).count("\n") + 1 for l in col_labels), default=0)      # 13 px: a line of the font
+    img = Image.new(grid.mode, (left + grid.width, grid.height + 13 * lines + 4 * bool(lines)), "white")
+    img.paste(grid, (left, 0))
     draw = ImageDraw.Draw(img)
-    for r in range(R):
-        for c in range(C):
-            img.paste(to_image(cells[r, c]).resize((sw, sh), Image.NEAREST), (left + pad + c * (sw + pad),
-                                                                               pad + r * (sh + pad)))
-        if len(row_labels):
-            draw.text((4, pad + r * (sh + pad) + sh // 2 - 6), str(row_labels[r]), fill=0, font=font)
-    for c, label in enumerate(col_labels):      # 13 px: the default font's line height
-        draw.multiline_text((left + pad + c * (sw + pad) + 2, pad + R * (sh + pad) + 2), str(label), fill=0,
+    for r, label in enumerate(row_labels):
+        draw.text((4, GRID_PAD + r * (H + GRID_PAD) + H // 2 - 6), str(label), fill=0, font=font)
+    for c, label in enumerate(col_labels):
+        draw.multiline_text((left + GRID_PAD + c * (W + GRID_PAD) + 2, grid.height + 2), str(label), fill=0,
                             font=font, spacing=2)
     return img
 
@@ -1600,8 +1554,9 @@ def frame_indices(num_steps, max_frames=50):
     k = min(num_steps, max_frames)
     return sorted({round(i * (num_steps - 1) / max(k - 1, 1)) for i in range(k)})
 
-def denoising_gif(eps_model, schedule, x_T, sampler, generator):
-    """Frames of x_t (left) beside the model's current guess of x_0 (right), captioned."""
+def denoising_gif(eps_model, schedule, x_T, sampler, generator, path, ms=80, hold_ms=1500):
+    """A GIF of x_t (left) beside the model's current guess of x_0 (right), captioned, each frame
+    `ms` long, the last held so the finished digits can be seen. Returns the number of frames."""
     ts, frames = sampler.timesteps(schedule.T), []
     keep, nrow = set(frame_indices(len(ts))), grid_columns(len(x_T))
 
@@ -1616,13 +1571,10 @@ def denoising_gif(eps_model, schedule, x_T, sampler, generator):
             frames.append(img)
 
     sampler(eps_model, schedule, x_T, generator, on_step)
-    return frames
-
-def save_gif(frames, path, ms=80, hold_ms=1500):
-    """Each frame `ms` long, the last held so the finished digits can be seen."""
     atomic_write(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
                                                 duration=[ms] * (len(frames) - 1) + [hold_ms], loop=0,
                                                 optimize=False))
+    return len(frames)
 
 # -----------------------------------------------------------------------------
 # III.11 bench: what a step costs in each mode, clocks synchronized with the GPU, after a warm-up.
@@ -1697,10 +1649,7 @@ def number(name):
             v = int(s) if RANGES[name][0] == "int" else float(s)
         except ValueError:
             v = s                                              # refused below, as not a number
-        try:
-            return check_number(name, v, f"'{s}'")
-        except UserError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
+        return check_number(name, v, f"'{s}'")
     return parse
 
 def channels_arg(s):
@@ -1731,36 +1680,36 @@ TRAIN_HELP = dict(  # train's recipe flags, each defaulting to its preset's valu
     grid_n="EMA samples in each epoch's grid, 0 for none", schedule="noise schedule (II.3)",
     lr_schedule="constant, or warm-up then cosine decay to 0 (II.5)", warmup_steps="linear lr warm-up steps (II.5)",
     min_snr_gamma="min-SNR loss weighting, 0 for plain MSE (II.5)")
-FLAGS = dict(  # every other flag: argparse keywords, and %(default)s is each command's own default
+FLAGS = dict(  # argparse keywords beyond flag()'s own; %(default)s is each command's own default
     device=dict(type=device_arg, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps "
                                                       "(default: auto)"),
     ckpt=dict(help=f"checkpoint to load (default: {DEFAULT_CKPT}, or the committed samples/ema_fp16.pt until you "
                    "have trained)"),
-    precision=dict(choices=CHOICES["precision"], default="auto", help="auto: bf16 autocast where the device runs it "
-                   "natively (CUDA 8.0+, AVX512-BF16 CPUs), fp16 with a gradient scaler on CUDA 7.x, else fp32 "
-                   "(default: auto)"),
+    precision=dict(default="auto", help="auto: bf16 autocast where the device runs it natively (CUDA 8.0+, "
+                   "AVX512-BF16 CPUs), fp16 with a gradient scaler on CUDA 7.x, else fp32 (default: auto)"),
     data_dir=dict(default="data", help="folder holding MNIST/raw (or cifar-10-batches-py); downloaded there if "
                                        "missing (default: data)"),
-    seed=dict(type=number("seed"), default=0, help="seed of the starting noise (default: 0)"),
+    seed=dict(default=0, help="seed of the starting noise (default: 0)"),
     sampler=dict(choices=("ddpm", "ddim"), default="ddim", help="ddpm: all T ancestral steps; ddim: --steps jumps "
                                                                 "(default: ddim)"),
-    steps=dict(type=number("steps"), help=f"DDIM steps, 1..T (default: {DDIM_STEPS}; DDPM always takes all T)"),
-    eta=dict(type=number("eta"), default=0.0, help="DDIM noise, 0..1: 0 deterministic, 1 like DDPM (default: 0)"),
+    steps=dict(help=f"DDIM steps, 1..T (default: {DDIM_STEPS}; DDPM always takes all T)"),
+    eta=dict(default=0.0, help="DDIM noise, 0..1: 0 deterministic, 1 like DDPM (default: 0)"),
     no_clip=dict(action="store_true", help="do not clip the predicted x_0 to [-1, 1]"),
     weights=dict(choices=("ema", "model"), default="ema", help="the EMA weights or the raw trained ones "
                                                                "(default: ema)"),
     digit=dict(flag="--class", choices=[*map(str, range(NUM_CLASSES)), "all"], help="conditional models: the digit "
                "to draw, or all: one digit per row (default: all)"),
-    guidance=dict(type=number("guidance"), help="conditional models: guidance scale s, 0..1000; 0 ignores the class, "
-                  "1 is the plain conditional model, larger draws the class more surely and less varied "
+    guidance=dict(help="conditional models: guidance scale s, 0..1000; 0 ignores the class, 1 is the plain "
+                  "conditional model, larger draws the class more surely and less varied "
                   f"(default: {DEFAULT_GUIDANCE})"),
     classifier=dict(default="runs/mnist_classifier.pt", help="cached classifier (.pt), trained there on first use "
                                                              "(default: %(default)s)"),
     compile=dict(action="store_true", help="torch.compile the step (slower start, faster steps)"),
     cuda_graph=dict(action="store_true", help="replay each step from a CUDA graph (on CUDA; elsewhere it runs "
                                               "uncaptured)"),
-    n=dict(type=number("n"), help="samples (default: %(default)s)"),
-    batch_size=dict(type=number("batch_size"), help="samples per batch (default: %(default)s)"),
+    n=dict(help="samples (default: %(default)s)"),
+    batch_size=dict(help="samples per batch (default: %(default)s)"),
+    channels=dict(type=channels_arg),
     out=dict(help="output path (default: %(default)s)"),
     run_dir=dict(default="runs/ddpm", help="the run's folder (default: runs/ddpm)"),
 )
@@ -1789,7 +1738,9 @@ COMMANDS = {  # name: (help, description, flags[=default]); a command's own flag
 }
 
 def flag(p, name, **kw):
-    spec = {**FLAGS.get(name, {}), **kw}
+    """Add --name to p: checked against RANGES or CHOICES where it is named there, then FLAGS[name], then kw."""
+    auto = dict(type=number(name)) if name in RANGES else dict(choices=CHOICES[name]) if name in CHOICES else {}
+    spec = {**auto, **FLAGS.get(name, {}), **kw}
     p.add_argument(spec.pop("flag", "--" + name.replace("_", "-")), dest=name, **spec)
 
 def build_parser():
@@ -1801,22 +1752,20 @@ def build_parser():
         p.set_defaults(func=globals()["cmd_" + name])
         for f in flags.split():
             key, _, default = f.partition("=")
-            flag(p, key, **({"default": FLAGS[key].get("type", str)(default)} if default else {}))
+            flag(p, key, **({"default": default} if default else {}))          # argparse applies the type
     p = ps["train"]
     p.add_argument("--preset", choices=tuple(PRESETS), default="paper", help="paper: the case study's recipe; cpu: "
                    "a 4x cheaper network and a short run for a laptop CPU; cifar10: the DDPM paper's CIFAR-10 model "
                    "(default: paper)")
     for name, text in TRAIN_HELP.items():
-        kind = dict(choices=CHOICES[name]) if name in CHOICES else \
-            dict(type=channels_arg if name == "channels" else number(name))
-        flag(p, name, **kind, default=None, help=f"{text} {preset_default(name)}")
+        flag(p, name, default=None, help=f"{text} {preset_default(name)}")
     p.add_argument("--cond", action="store_true", help="a class-conditional model, for sample --class (II.1)")
-    flag(p, "p_uncond", type=number("p_uncond"), help="with --cond: share of labels dropped to 'no label', 0..1 "
-                                                      f"(default: {PRESETS['paper'].p_uncond})")
+    flag(p, "p_uncond", help=f"with --cond: share of labels dropped to 'no label', 0..1 (default: "
+                             f"{PRESETS['paper'].p_uncond})")
     for name in ("max_steps", "max_minutes"):
-        flag(p, name, type=number(name), help=f"stop after this many {name[4:]} in all, with a checkpoint")
-    flag(p, "ckpt_every", type=number("ckpt_every"), default=0,
-         help="also checkpoint every N steps, so a kill loses at most N (default: 0, every epoch only)")
+        flag(p, name, help=f"stop after this many {name[4:]} in all, with a checkpoint")
+    flag(p, "ckpt_every", default=0, help="also checkpoint every N steps, so a kill loses at most N (default: 0, every "
+                                          "epoch only)")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt, exactly")
     p.add_argument("--overwrite", action="store_true", help="start over in a run folder that has a checkpoint")
     p = ps["sample"]
@@ -1836,11 +1785,10 @@ def build_parser():
     flag(p, "out", help="picture path (default: samples/compare.png, or samples/guidance.png)")
     p = ps["bench"]
     p.add_argument("--preset", choices=tuple(PRESETS), default="paper", help="the network to time (default: paper)")
-    p.add_argument("--channels", type=channels_arg, help="widths of the 4 levels (default: the preset's)")
-    flag(p, "reps", type=number("reps"), default=5, help="timed steps (default: 5)")
+    flag(p, "channels", help="widths of the 4 levels (default: the preset's)")
+    flag(p, "reps", default=5, help="timed steps (default: 5)")
     flag(ps["forward"], "n", type=number("digits"), default=4, help="digits, one per row, 1..16 (default: 4)")
-    flag(ps["forward"], "schedule", choices=CHOICES["schedule"], default="linear", help="noise schedule "
-                                                                                        "(default: linear)")
+    flag(ps["forward"], "schedule", default="linear", help="noise schedule (default: linear)")
     ps["export"].add_argument("--ckpt", default=str(DEFAULT_CKPT), help=f"checkpoint to export (default: "
                                                                         f"{DEFAULT_CKPT})")
     return ap
@@ -1909,7 +1857,7 @@ def cmd_train(args):
         if rank == 0:
             describe_run(cfg, p, device, world, f"{PRECISION_NAMES[dtype]} ({why})", spe,
                          start if ckpt else None, step)
-        bk = open_books(args, cfg, p, ckpt, start, spe, rank, world)
+        bk = open_books(args, cfg, p, ckpt, start, spe, total, rank, world)
         data = images.to(device)
         draw = training_draw(cfg, data, labels.to(device), p, rank, world)
         (train if why_not else train_graphed)(cfg, data, p, bk.start, lambda *a: keep_books(bk, *a), draw, loss_fn)
@@ -1917,7 +1865,9 @@ def cmd_train(args):
 
 def describe_run(cfg, p, device, world, precision, spe, resumed_at, step):
     """train's first lines: how the recipe departs from the case study's, then the run."""
-    changes = departures(cfg)
+    paper, tool = PRESETS["paper"], ("preset", "precision", "seed", "grid_n")   # the tool's settings, not the recipe
+    changes = [f"{f.name} {getattr(cfg, f.name)} (case study: {getattr(paper, f.name)})" for f in fields(RunConfig)
+               if f.name not in tool and getattr(cfg, f.name) != getattr(paper, f.name)]
     if changes:
         print(f"recipe: --preset {cfg.preset}, departing from the case study's in")
     for change in changes:
@@ -1980,13 +1930,12 @@ def cmd_sample(args):
         if args.gif:  # the seeds of generate(), so a GIF ends on the grid `sample` would draw
             x_T = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
             frames = denoising_gif(guide.eps_model_for(eps_model, device) if guide else eps_model, schedule, x_T,
-                                   sampler, torch.Generator(device).manual_seed(args.seed + 1))
-            save_gif(frames, out)
+                                   sampler, torch.Generator(device).manual_seed(args.seed + 1), out)
         else:
             images = generate(eps_model, schedule, sampler, shape, args.seed, args.batch_size, guide)
             write_samples(images, out, args.format, guide.labels if guide else None)
     dt = time.time() - t0
-    print(f"wrote {out}: " + (f"{len(frames)} frames" if args.gif else f"{args.n} samples") +
+    print(f"wrote {out}: " + (f"{frames} frames" if args.gif else f"{args.n} samples") +
           f", {sampler.name} {sampler.steps} steps" + (f", guidance {guide.scale:g}" if guide else "") +
           f", {dt:.1f} s on {device}" + ("" if args.gif else f" ({1e3 * dt / args.n:.1f} ms per sample)"))
 
@@ -1999,9 +1948,8 @@ def report_table(r):
 
 def check_classifier(args, inputs):
     """evaluate's and compare's --classifier: read if it exists (and checked then), else trained and written."""
-    for i in inputs:
-        if i is not None and Path(i).resolve() == Path(args.classifier).resolve():
-            raise UserError(f"--classifier {args.classifier}: is also another input or output of this command")
+    if any(i is not None and Path(i).resolve() == Path(args.classifier).resolve() for i in inputs):
+        raise UserError(f"--classifier {args.classifier}: is also another input or output of this command")
     if not Path(args.classifier).exists() and Path(args.classifier).suffix != ".pt":
         raise UserError(f"--classifier {args.classifier}: must end in .pt, the classifier this writes on first use")
 
@@ -2049,8 +1997,7 @@ def cmd_evaluate(args):
     save_text(json.dumps(r, indent=2) + "\n", out)
     print(f"wrote {out}")
 
-COMPARE = (("DDPM 1000", Sampler("ddpm", 1000)), ("DDIM 10", Sampler("ddim", 10)), ("DDIM 20", Sampler("ddim", 20)),
-           ("DDIM 50", Sampler("ddim", 50)), ("DDIM 100", Sampler("ddim", 100)),
+COMPARE = (("DDPM 1000", Sampler("ddpm", 1000)), *((f"DDIM {k}", Sampler("ddim", k)) for k in (10, 20, 50, 100)),
            ("DDIM 50, eta 1", Sampler("ddim", 50, eta=1.0)))
 
 def cmd_compare(args):
@@ -2119,9 +2066,13 @@ def cmd_export(args):
     check_out("--out", args.out, ".pt", [args.ckpt])
     ckpt = load_checkpoint(args.ckpt)
     model, cfg = model_from_checkpoint(ckpt)                 # checks the weights fit the config
+    trained = ckpt.get("trained")                            # an export's own record, kept as it is
+    if not isinstance(trained, dict) and isinstance(ckpt.get("step"), int):     # a run's: how long it trained
+        spe = ckpt.get("steps_per_epoch", TRAIN_IMAGES[cfg.dataset] // cfg.batch_size)   # older runs did not save it
+        trained = dict(step=ckpt["step"], epochs=ckpt["step"] / spe, seconds=ckpt.get("seconds"),
+                       device=ckpt.get("device"))
     # fp16 keeps 11 bits of mantissa; the weights of a trained net lie far inside its range
-    record = dict(ema={k: v.half() for k, v in model.state_dict().items()}, config=asdict(cfg),
-                  trained=training_record(ckpt, cfg))
+    record = dict(ema={k: v.half() for k, v in model.state_dict().items()}, config=asdict(cfg), trained=trained)
     atomic_write(args.out, lambda f: torch.save(record, f))
     print(f"wrote {args.out}: {count_params(model):,} EMA weights in fp16, {Path(args.out).stat().st_size / 1e6:.1f} "
           f"MB; {trained_note(record['trained'])}")

@@ -49,6 +49,25 @@ def test_class_stats_on_hand_made_outputs():
     assert s["confident_share"] == pytest.approx(0.6)      # .95 .99 .91 1. .9 .97
 
 
+def test_memorization_finds_copies_against_numpy_distances():
+    """Samples that are training images sit at distance 0 from the training set, below 1% of
+    real test digits; shifted ones do not. Distances checked against a numpy brute force."""
+    g = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 256, (40, 28, 28), generator=g, dtype=torch.uint8)
+    test = torch.randint(0, 256, (30, 28, 28), generator=g, dtype=torch.uint8)
+    copies = dm.memorization(train[:10], train, test, torch.device("cpu"))
+    assert copies["nn_dist_samples_median"] == 0 and copies["share_closer_than_real_p01"] == 1.0
+    fresh = torch.randint(0, 256, (10, 28, 28), generator=g, dtype=torch.uint8)
+    r = dm.memorization(fresh, train, test, torch.device("cpu"))
+    def nearest(q):                                   # brute force: every pair, in float64
+        q, ref = q.numpy().reshape(len(q), 1, -1) / 255.0, train.numpy().reshape(1, len(train), -1) / 255.0
+        return np.sqrt(((q - ref) ** 2).sum(-1)).min(1)
+    d_fresh, d_test = nearest(fresh), nearest(test)
+    assert r["nn_dist_samples_median"] == pytest.approx(np.sort(d_fresh)[4], rel=1e-4)   # torch: the lower median
+    assert r["real_test_p01"] == pytest.approx(np.quantile(d_test, 0.01), rel=1e-4)
+    assert r["n_memo"] == 10 and r["share_closer_than_real_p01"] == pytest.approx((d_fresh < r["real_test_p01"]).mean())
+
+
 def test_npz_and_png_dir_exports_round_trip_exactly(tiny_run, tmp_path):
     base = ["sample", "--ckpt", str(tiny_run / "ckpt.pt"), "--steps", "3", "--n", "5", "--device", "cpu"]
     dm.main(base + ["--format", "npz", "--out", str(tmp_path / "s.npz")])
