@@ -1112,8 +1112,8 @@ def keep_books(bk, step, loss, t, err):
         bk.sums.copy_(all_sum(bk.sums, bk.world) * bk.lead)     # the totals, on process 0 alone
         if n % spe == 0:
             by_t = (bk.sums[1:1 + NOISE_BINS] / bk.sums[1 + NOISE_BINS:].clamp(min=1)).tolist()
-            bk.history.append(dict(epoch=n // spe, step=n, seconds=bk.seconds,
-                                          mean_loss=bk.sums[0].item() / spe, loss_by_t=by_t))
+            bk.history.append(dict(epoch=n // spe, step=n, seconds=bk.seconds, mean_loss=bk.sums[0].item() / spe,
+                                   loss_by_t=by_t))
             bk.sums.zero_()
         if bk.lead:           # the checkpoint first: a grid that fails loses no training
             save_checkpoint(bk, n)
@@ -1890,19 +1890,26 @@ def sampler_from_args(args, T):
         raise UserError("--eta: only DDIM has eta; DDPM's noise is fixed by the posterior variance")
     return Sampler(args.sampler, T if args.sampler == "ddpm" else args.steps or DDIM_STEPS, args.eta, not args.no_clip)
 
-def load_for_sampling(args, out, suffix, inputs=(), folder=False):
-    """What every sampling command does first: its output checked against its inputs, then the
-    model, ready to call on its device. Returns the model, its schedule, config and file."""
-    path = checkpoint_to_sample(args.ckpt)
-    check_out("--out", out, suffix, [path, *inputs], folder)
+def load_for_sampling(args, out, suffix, folder=False):
+    """What every sampling command does first: its output checked against its inputs (evaluate's
+    and compare's classifier among them), then the model, ready to call on its device. Returns
+    the model, its schedule and config."""
+    path, classifier = checkpoint_to_sample(args.ckpt), getattr(args, "classifier", None)
+    check_out("--out", out, suffix, [path, classifier], folder)
+    if classifier:
+        check_classifier(classifier, [path])
     device, ckpt = resolve_device(args.device), load_checkpoint(path)
     model, cfg = model_from_checkpoint(ckpt, args.weights)
+    if classifier and cfg.dataset != "mnist":
+        raise UserError(f"--ckpt {path}: a {cfg.dataset} model, and evaluate/compare score digits with an MNIST "
+                        "classifier; for CIFAR-10 write PNGs (sample --format png-dir --n 50000) and use pytorch-fid "
+                        "or clean-fid against the CIFAR-10 training set, as the DDPM paper measured")
     if args.ckpt is None and path == SHIPPED_CKPT:
         note(f"note: no {DEFAULT_CKPT} yet, so using the committed weights samples/ema_fp16.pt (preset {cfg.preset}, "
              f"{cfg.dataset.upper()}, {trained_note(ckpt.get('trained'))}); `python ddpm_mnist.py train` makes your own")
     graph, compile = getattr(args, "cuda_graph", False), getattr(args, "compile", False)
     eps_model = Autocast(model.to(device), device, choose_precision(device, args.precision)[0], cache=not graph)
-    return fast_eps_model(eps_model, device, compile, graph), make_schedule(cfg).to(device), cfg, path
+    return fast_eps_model(eps_model, device, compile, graph), make_schedule(cfg).to(device), cfg
 
 def guidance_from_args(args, cfg, n, ncol):
     """II.2: the labels and scale a conditional model samples with (--class, --guidance), laid out
@@ -1923,7 +1930,7 @@ def cmd_sample(args):
     sampler = sampler_from_args(args, PRESETS["paper"].T)
     ext = ".gif" if args.gif else {"png": ".png", "npz": ".npz", "png-dir": ""}[args.format]
     out = args.out or f"samples/{sampler.name}_{sampler.steps}{ext}"
-    eps_model, schedule, cfg, _ = load_for_sampling(args, out, ext, folder=args.format == "png-dir")
+    eps_model, schedule, cfg = load_for_sampling(args, out, ext, folder=args.format == "png-dir")
     device, t0, shape = schedule.betas.device, time.time(), (args.n, *IMAGE_SHAPES[cfg.dataset])
     guide = guidance_from_args(args, cfg, args.n, grid_columns(args.n))
     with blame("--batch-size" if args.n > args.batch_size else "--n", device):
@@ -1946,18 +1953,12 @@ def report_table(r):
         f"{v:.3f}" if isinstance(v, float) else str(v)
     return f"N={r['n']} samples\n" + "\n".join(f"{k.replace('_', ' '):32} {show(k, v)}" for k, v in r.items())
 
-def check_classifier(args, inputs):
+def check_classifier(path, inputs):
     """evaluate's and compare's --classifier: read if it exists (and checked then), else trained and written."""
-    if any(i is not None and Path(i).resolve() == Path(args.classifier).resolve() for i in inputs):
-        raise UserError(f"--classifier {args.classifier}: is also another input or output of this command")
-    if not Path(args.classifier).exists() and Path(args.classifier).suffix != ".pt":
-        raise UserError(f"--classifier {args.classifier}: must end in .pt, the classifier this writes on first use")
-
-def only_digits(cfg, path):
-    if cfg.dataset != "mnist":
-        raise UserError(f"--ckpt {path}: a {cfg.dataset} model, and evaluate/compare score digits with an MNIST "
-                        "classifier; for CIFAR-10 write PNGs (sample --format png-dir --n 50000) and use pytorch-fid "
-                        "or clean-fid against the CIFAR-10 training set, as the DDPM paper measured")
+    if any(i is not None and Path(i).resolve() == Path(path).resolve() for i in inputs):
+        raise UserError(f"--classifier {path}: is also another input or output of this command")
+    if not Path(path).exists() and Path(path).suffix != ".pt":
+        raise UserError(f"--classifier {path}: must end in .pt, the classifier this writes on first use")
 
 def cmd_evaluate(args):
     if args.n < 2:
@@ -1969,7 +1970,7 @@ def cmd_evaluate(args):
                             "is sampled; leave it out")
         out = Path(args.out or check_in("--samples", args.samples).with_name("evaluate.json"))   # beside what it scores
         check_out("--out", out, ".json", [args.samples, args.classifier])
-        check_classifier(args, [args.samples, out])
+        check_classifier(args.classifier, [args.samples])
         samples, labels = read_samples(args.samples)
         train_x = read_data(RunConfig(), args.data_dir)[0]
         source = dict(samples_from=f"read from {args.samples}", samples_file=str(args.samples))
@@ -1977,9 +1978,7 @@ def cmd_evaluate(args):
         path = checkpoint_to_sample(args.ckpt)
         committed = path.resolve().parent == SHIPPED_CKPT.parent
         out = Path(args.out or ("evaluate.json" if committed else path.with_name("evaluate.json")))
-        eps_model, schedule, cfg, _ = load_for_sampling(args, out, ".json", [args.classifier])
-        check_classifier(args, [path, out])
-        only_digits(cfg, path)
+        eps_model, schedule, cfg = load_for_sampling(args, out, ".json")
         guide = guidance_from_args(args, cfg, args.n, 1)       # conditional: digits 0-9 in turn
         train_x = read_data(cfg, args.data_dir)[0]            # now: a missing data set fails before sampling
         t0 = time.time()
@@ -2004,9 +2003,7 @@ def cmd_compare(args):
     """Samplers, or with --guidance guidance scales (II.2), from the same x_T and labels: a table
     of scores and a picture of the first samples of each."""
     out = args.out or ("samples/guidance.png" if args.guidance else "samples/compare.png")
-    eps_model, schedule, cfg, path = load_for_sampling(args, out, ".png", [args.classifier])
-    check_classifier(args, [path, out])
-    only_digits(cfg, path)
+    eps_model, schedule, cfg = load_for_sampling(args, out, ".png")
     if args.guidance and not cfg.num_classes:
         raise UserError("--guidance: this checkpoint is unconditional (trained without --cond), so it has no "
                         "guidance to compare")
