@@ -583,7 +583,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 class UserError(argparse.ArgumentTypeError):
-    """Bad input, one line and exit code 2: from main(), or from argparse where a flag's type raises it."""
+    """Bad input, one line and exit code 2: main() prints it, and argparse too where a flag's type
+    raises it (hence an ArgumentTypeError)."""
 
 def note(text):
     print(text, file=sys.stderr)
@@ -942,13 +943,15 @@ def start_processes(args, cfg):
     """Under torchrun: check what every process must agree on, then join the group, giving up after
     a minute rather than waiting forever. Returns (device, rank, world)."""
     env = os.environ             # torchrun sets these; set by hand, one wrong one would leave a process waiting
-    if env.get("WORLD_SIZE", "1") != "1" and not env.get("TORCHELASTIC_RUN_ID"):
+    several = env.get("WORLD_SIZE", "1") != "1"
+    if several and not env.get("TORCHELASTIC_RUN_ID"):
         raise UserError(f"environment WORLD_SIZE={env['WORLD_SIZE']!r}: several processes start with torchrun, which "
                         "sets it with RANK, LOCAL_RANK and MASTER_ADDR; unset WORLD_SIZE to run one process")
     device = resolve_device(args.device)
-    if env.get("WORLD_SIZE", "1") == "1":
+    if not several:
         return device, 0, 1
-    rank, local_rank, world, local_world = (int(env[k]) for k in "RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE".split())
+    rank, local_rank, world = int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"])
+    local_world = int(env["LOCAL_WORLD_SIZE"])                          # the processes on this machine
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size}: must divide evenly over the {world} processes "
                         "(it is the global batch)")
@@ -1066,13 +1069,15 @@ def open_books(args, cfg, p, ckpt, start, steps_per_epoch, total, rank, world):
     Ctrl-C kills). Under torchrun every process keeps its own; process 0 alone writes and prints.
     `ckpt`: a restored run's checkpoint, or None; `total`: where this invocation stops."""
     ck = ckpt or {}
+    # the epoch's loss sum, then loss sums and counts per quarter of t; the saved totals go to process 0
+    sums = torch.tensor([ck.get("epoch_loss_sum", 0.0), *ck.get("bin_loss_sums", [0.0] * NOISE_BINS),
+                         *ck.get("bin_counts", [0.0] * NOISE_BINS)], device=p.gen.device) * (rank == 0)
     bk = SimpleNamespace(
-        args=args, cfg=cfg, p=p, steps_per_epoch=steps_per_epoch, total=total, world=world, lead=rank == 0,
-        start=start, done=0, interrupted=False, t_open=time.time(), seconds0=ck.get("seconds", 0.0),
+        args=args,                               # run_dir, max_minutes, ckpt_every
+        cfg=cfg, p=p, steps_per_epoch=steps_per_epoch, total=total, world=world, lead=rank == 0, sums=sums,
+        start=start, done=0,                     # the steps this invocation began and stopped at
+        interrupted=False, t_open=time.time(), seconds0=ck.get("seconds", 0.0),
         history=ck.get("history", []), seconds=ck.get("seconds", 0.0),   # both kept in every checkpoint
-        # the epoch's loss sum, then loss sums and counts per quarter of t; the saved totals go to process 0
-        sums=torch.tensor([ck.get("epoch_loss_sum", 0.0), *ck.get("bin_loss_sums", [0.0] * NOISE_BINS),
-                           *ck.get("bin_counts", [0.0] * NOISE_BINS)], device=p.gen.device) * (rank == 0),
         last_good=start if ckpt else None,       # the step of the last checkpoint
         recent=[],                               # losses since the last check: a check waits for the GPU
         bar=progress_bar(total=total, initial=start, unit="step", disable=rank != 0))
@@ -1166,11 +1171,12 @@ def close_books(bk):
     leave(130 if bk.interrupted else None, bk.world)
 
 def write_loss_csv(history, path, T):
-    head = ["epoch", "step", "mean_loss", "seconds"] + [f"loss_t{b * T // NOISE_BINS + 1}-{(b + 1) * T // NOISE_BINS}"
-                                                        for b in range(NOISE_BINS)]
-    rows = [[row["epoch"], row["step"], f"{row['mean_loss']:.6f}", f"{row['seconds']:.1f}",
-             *(f"{v:.6f}" for v in row.get("loss_by_t", []))] for row in history]   # loss_by_t: absent in old runs
-    save_text("".join(",".join(map(str, r)) + "\n" for r in [head, *rows]), path)
+    bins = [f"loss_t{b * T // NOISE_BINS + 1}-{(b + 1) * T // NOISE_BINS}" for b in range(NOISE_BINS)]
+    lines = [",".join(["epoch", "step", "mean_loss", "seconds", *bins])]
+    for row in history:        # numbers only, so no field needs quoting; loss_by_t is absent in old runs
+        lines.append(",".join([str(row["epoch"]), str(row["step"]), f"{row['mean_loss']:.6f}", f"{row['seconds']:.1f}",
+                               *(f"{v:.6f}" for v in row.get("loss_by_t", []))]))
+    save_text("\n".join(lines) + "\n", path)
 
 def digit_rows(n, ncol, num_classes):
     """Labels for n samples laid out ncol to a row: row r asks for class r mod num_classes."""
@@ -1518,8 +1524,9 @@ def evaluate_samples(samples, clf, cache, train_x, test_x, device, seed=0, label
 def labeled_grid(cells, row_labels=(), col_labels=(), scale=2):
     """uint8 cells (R, C, H, W[, 3]) -> a PIL image: grid_image of the cells, `scale` times
     larger, with labels left of the rows and under the columns."""
-    C, H, W = cells.shape[1], scale * cells.shape[2], scale * cells.shape[3]
-    grid = grid_image(cells.flatten(0, 1).repeat_interleave(scale, 1).repeat_interleave(scale, 2), nrow=C)
+    C, cell_h, cell_w = cells.shape[1], scale * cells.shape[2], scale * cells.shape[3]
+    big = cells.flatten(0, 1).repeat_interleave(scale, 1).repeat_interleave(scale, 2)   # (R * C, cell_h, cell_w[, 3])
+    grid = grid_image(big, nrow=C)
     font, measure = ImageFont.load_default(), ImageDraw.Draw(Image.new("L", (1, 1))).textlength
     left = 8 + int(max(measure(str(l), font=font) for l in row_labels)) if len(row_labels) else 0
     lines = max((str(l).count("\n") + 1 for l in col_labels), default=0)      # 13 px: a line of the font
@@ -1527,9 +1534,9 @@ def labeled_grid(cells, row_labels=(), col_labels=(), scale=2):
     img.paste(grid, (left, 0))
     draw = ImageDraw.Draw(img)
     for r, label in enumerate(row_labels):
-        draw.text((4, GRID_PAD + r * (H + GRID_PAD) + H // 2 - 6), str(label), fill=0, font=font)
+        draw.text((4, GRID_PAD + r * (cell_h + GRID_PAD) + cell_h // 2 - 6), str(label), fill=0, font=font)
     for c, label in enumerate(col_labels):
-        draw.multiline_text((left + GRID_PAD + c * (W + GRID_PAD) + 2, grid.height + 2), str(label), fill=0,
+        draw.multiline_text((left + GRID_PAD + c * (cell_w + GRID_PAD) + 2, grid.height + 2), str(label), fill=0,
                             font=font, spacing=2)
     return img
 
@@ -1657,7 +1664,7 @@ def channels_arg(s):
         return check_channels(tuple(int(c) for c in s.split(",")))
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{s}' is not a comma-separated list of integers") from None
-    except UserError as e:
+    except UserError as e:   # without check_channels' "--channels ...:" prefix, which argparse adds itself
         raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
 
 def device_arg(s):
@@ -1865,9 +1872,9 @@ def cmd_train(args):
 
 def describe_run(cfg, p, device, world, precision, spe, resumed_at, step):
     """train's first lines: how the recipe departs from the case study's, then the run."""
-    paper, tool = PRESETS["paper"], ("preset", "precision", "seed", "grid_n")   # the tool's settings, not the recipe
+    paper, not_recipe = PRESETS["paper"], ("preset", "precision", "seed", "grid_n")   # the tool's own settings
     changes = [f"{f.name} {getattr(cfg, f.name)} (case study: {getattr(paper, f.name)})" for f in fields(RunConfig)
-               if f.name not in tool and getattr(cfg, f.name) != getattr(paper, f.name)]
+               if f.name not in not_recipe and getattr(cfg, f.name) != getattr(paper, f.name)]
     if changes:
         print(f"recipe: --preset {cfg.preset}, departing from the case study's in")
     for change in changes:
@@ -1890,17 +1897,17 @@ def sampler_from_args(args, T):
         raise UserError("--eta: only DDIM has eta; DDPM's noise is fixed by the posterior variance")
     return Sampler(args.sampler, T if args.sampler == "ddpm" else args.steps or DDIM_STEPS, args.eta, not args.no_clip)
 
-def load_for_sampling(args, out, suffix, folder=False):
-    """What every sampling command does first: its output checked against its inputs (evaluate's
-    and compare's classifier among them), then the model, ready to call on its device. Returns
-    the model, its schedule and config."""
-    path, classifier = checkpoint_to_sample(args.ckpt), getattr(args, "classifier", None)
+def load_for_sampling(args, out, suffix, folder=False, classifier=None):
+    """What every sampling command does first: its output checked against its inputs, then the
+    model, ready to call on its device. Returns the model, its schedule and config. `classifier`:
+    evaluate's and compare's, checked too, and then the model must draw digits."""
+    path = checkpoint_to_sample(args.ckpt)
     check_out("--out", out, suffix, [path, classifier], folder)
-    if classifier:
+    if classifier is not None:
         check_classifier(classifier, [path])
     device, ckpt = resolve_device(args.device), load_checkpoint(path)
     model, cfg = model_from_checkpoint(ckpt, args.weights)
-    if classifier and cfg.dataset != "mnist":
+    if classifier is not None and cfg.dataset != "mnist":
         raise UserError(f"--ckpt {path}: a {cfg.dataset} model, and evaluate/compare score digits with an MNIST "
                         "classifier; for CIFAR-10 write PNGs (sample --format png-dir --n 50000) and use pytorch-fid "
                         "or clean-fid against the CIFAR-10 training set, as the DDPM paper measured")
@@ -1936,13 +1943,13 @@ def cmd_sample(args):
     with blame("--batch-size" if args.n > args.batch_size else "--n", device):
         if args.gif:  # the seeds of generate(), so a GIF ends on the grid `sample` would draw
             x_T = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
-            frames = denoising_gif(guide.eps_model_for(eps_model, device) if guide else eps_model, schedule, x_T,
+            n_frames = denoising_gif(guide.eps_model_for(eps_model, device) if guide else eps_model, schedule, x_T,
                                    sampler, torch.Generator(device).manual_seed(args.seed + 1), out)
         else:
             images = generate(eps_model, schedule, sampler, shape, args.seed, args.batch_size, guide)
             write_samples(images, out, args.format, guide.labels if guide else None)
     dt = time.time() - t0
-    print(f"wrote {out}: " + (f"{frames} frames" if args.gif else f"{args.n} samples") +
+    print(f"wrote {out}: " + (f"{n_frames} frames" if args.gif else f"{args.n} samples") +
           f", {sampler.name} {sampler.steps} steps" + (f", guidance {guide.scale:g}" if guide else "") +
           f", {dt:.1f} s on {device}" + ("" if args.gif else f" ({1e3 * dt / args.n:.1f} ms per sample)"))
 
@@ -1978,7 +1985,7 @@ def cmd_evaluate(args):
         path = checkpoint_to_sample(args.ckpt)
         committed = path.resolve().parent == SHIPPED_CKPT.parent
         out = Path(args.out or ("evaluate.json" if committed else path.with_name("evaluate.json")))
-        eps_model, schedule, cfg = load_for_sampling(args, out, ".json")
+        eps_model, schedule, cfg = load_for_sampling(args, out, ".json", classifier=args.classifier)
         guide = guidance_from_args(args, cfg, args.n, 1)       # conditional: digits 0-9 in turn
         train_x = read_data(cfg, args.data_dir)[0]            # now: a missing data set fails before sampling
         t0 = time.time()
@@ -1996,14 +2003,15 @@ def cmd_evaluate(args):
     save_text(json.dumps(r, indent=2) + "\n", out)
     print(f"wrote {out}")
 
-COMPARE = (("DDPM 1000", Sampler("ddpm", 1000)), *((f"DDIM {k}", Sampler("ddim", k)) for k in (10, 20, 50, 100)),
+COMPARE = (("DDPM 1000", Sampler("ddpm", 1000)), ("DDIM 10", Sampler("ddim", 10)), ("DDIM 20", Sampler("ddim", 20)),
+           ("DDIM 50", Sampler("ddim", 50)), ("DDIM 100", Sampler("ddim", 100)),
            ("DDIM 50, eta 1", Sampler("ddim", 50, eta=1.0)))
 
 def cmd_compare(args):
     """Samplers, or with --guidance guidance scales (II.2), from the same x_T and labels: a table
     of scores and a picture of the first samples of each."""
     out = args.out or ("samples/guidance.png" if args.guidance else "samples/compare.png")
-    eps_model, schedule, cfg = load_for_sampling(args, out, ".png")
+    eps_model, schedule, cfg = load_for_sampling(args, out, ".png", classifier=args.classifier)
     if args.guidance and not cfg.num_classes:
         raise UserError("--guidance: this checkpoint is unconditional (trained without --cond), so it has no "
                         "guidance to compare")
