@@ -732,10 +732,17 @@ def check_out(flag, path, suffix, inputs=(), folder=False):
                      (not p.parent.is_dir(), f"the folder {p.parent} does not exist")]:
         if bad:
             raise UserError(f"{flag} {path}: {why}")
-    try:                          # a real write: os.access can say yes where creating a file fails
-        tempfile.TemporaryFile(dir=p.parent).close()
+    if not writable(p.parent):
+        raise UserError(f"{flag} {path}: the folder {p.parent} is not writable")
+
+def writable(folder):
+    """Whether a file can be created in `folder`, by creating one: os.access reads permission bits
+    and can say yes where creating fails (an immutable folder, a share that maps users)."""
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+        return True
     except OSError:
-        raise UserError(f"{flag} {path}: the folder {p.parent} is not writable") from None
+        return False
 
 def peek(path):
     """A torch file's top-level dict, its tensors left on disk (mmap); {} for anything else."""
@@ -1839,9 +1846,9 @@ def cmd_train(args):
     cfg, ckpt = train_config(args)
     run_dir = Path(args.run_dir)
     existing = next(a for a in [run_dir, *run_dir.parents] if a.exists())    # train makes it and its parents
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
+    if not existing.is_dir() or not writable(existing):
         raise UserError(f"--run-dir {args.run_dir}: {existing} is "
-                        f"{'a file' if run_dir == existing else 'not writable'}")
+                        f"{'a file' if not existing.is_dir() else 'not writable'}")
     device, rank, world = start_processes(args, cfg)
     set_fast_math(device)
     images, labels = read_data(cfg, args.data_dir)

@@ -69,6 +69,8 @@ CASES = [  # (command line, words the one line must hold)
     ("evaluate --samples .", "--samples .: names a folder"),
     ("sample --ckpt / --out out/s.png", "--ckpt /: names a folder"),
     ("train --grid-n 1000000000000 --run-dir new", "--grid-n"),
+    ("train --run-dir s.npz --data-dir data", "--run-dir s.npz: s.npz is a file"),          # the run folder a file
+    ("train --run-dir e.json/run --data-dir data", "--run-dir e.json/run: e.json is a file"),   # or a folder above it
     # files read: checked before use
     ("evaluate --samples s.npz --classifier a/ckpt.pt", "--classifier a/ckpt.pt: not an evaluation classifier"),
     ("evaluate --samples s.npz --classifier clf_dict.pt", "--classifier clf_dict.pt: not an evaluation classifier"),
