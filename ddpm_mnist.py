@@ -1638,8 +1638,9 @@ def bench(cfg, device, reps=5, modes=("eager",)):
         Sampler("ddim", 2)(eps_model, p.schedule, x_T)                                 # warm-up: compile, capture
         if device.type == "cuda":
             secs = [timed(lambda: s(eps_model, p.schedule, x_T), device) for s in (Sampler(), Sampler("ddpm", cfg.T))]
-        else:                        # 1000 steps take minutes on a CPU: 5 timed and extrapolated
-            secs = [k * timed(lambda: Sampler("ddim", 5)(eps_model, p.schedule, x_T), device) / 5 for k in (50, cfg.T)]
+        else:                        # 1000 steps take minutes on a CPU: 5 timed once and extrapolated
+            sampler_step_s = timed(lambda: Sampler("ddim", 5)(eps_model, p.schedule, x_T), device) / 5
+            secs = [k * sampler_step_s for k in (50, cfg.T)]
         print(f"{mode:17} {marks[0] - t0:9.1f} {1e3 * step_s:8.1f} {B / step_s:9,.0f} {3 * gflop * B / step_s / 1e3:8.2f}"
               f" {recipe * step_s / B / 60:7.1f} m {secs[0]:9.2f} {secs[1]:11.2f}")
     print(f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}; {gflop:.3f} GFLOP forward per image,"
