@@ -793,19 +793,19 @@ def load_checkpoint(path, flag="--ckpt"):
         raise UserError(f"{flag} {path}: not a ddpm_mnist checkpoint (it needs 'config' and 'ema' entries)")
     return ckpt
 
-def model_from_checkpoint(ckpt, weights="ema", flag="--ckpt"):
+def model_from_checkpoint(ckpt, weights="ema"):
     """The network the checkpoint's config describes, with its weights in float32 (also from the
     fp16 exports in samples/), in eval mode; weights that do not fit are one line."""
-    cfg, state = config_from_dict(ckpt["config"], flag), ckpt.get(weights)
+    cfg, state = config_from_dict(ckpt["config"], "--ckpt"), ckpt.get(weights)
     if not isinstance(state, dict):
-        raise UserError(f"{flag}: this checkpoint has no '{weights}' weights (it has: "
+        raise UserError(f"--ckpt: this checkpoint has no '{weights}' weights (it has: "
                         f"{', '.join(k for k in ('ema', 'model') if k in ckpt)})")
     model = make_unet(cfg)
     want = model.state_dict()
     bad = [k for k, v in want.items() if not isinstance(state.get(k), torch.Tensor) or state[k].shape != v.shape
            or not state[k].is_floating_point()] + [k for k in state if k not in want]
     if bad:
-        raise UserError(f"{flag}: its weights do not fit the network its config describes ({len(bad)} missing, "
+        raise UserError(f"--ckpt: its weights do not fit the network its config describes ({len(bad)} missing, "
                         f"misshapen or unexpected, such as {bad[0]})")
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval().requires_grad_(False), cfg
@@ -921,7 +921,7 @@ def set_fast_math(device):
 
 def resolve_device(name):
     """'auto' picks cuda, then mps, then cpu; everything else follows this device."""
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    mps = torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available() or name == "mps" and not mps:
@@ -1426,7 +1426,7 @@ def classifier_cache(path, data_dir, device):
     path = Path(path)
     if path.exists():
         try:
-            c = torch.load(check_in("--classifier", path), map_location="cpu", weights_only=True)
+            c = torch.load(path, map_location="cpu", weights_only=True)     # a folder fails here too
             clf = Classifier()
             clf.load_state_dict(c["model"] if isinstance(c, dict) else None)   # the right tensors, or it raises
             if not (isinstance(c["test_accuracy"], float) and isinstance(c["n_test"], int) and
