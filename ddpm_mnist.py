@@ -257,7 +257,8 @@ def load_mnist(data_dir, train=True):
 def epoch_batches(n, batch_size, seed, epoch):
     """The index batches of one epoch, (n // batch_size, batch_size), a function of (seed,
     epoch) so a resumed run replays it; the partial last batch is dropped (shapes stay fixed)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2 ** 64)   # any seed fits
+    perm = torch.randperm(n, generator=g)
     return perm[: n // batch_size * batch_size].view(-1, batch_size)
 
 def to_model_range(images_uint8):
@@ -733,7 +734,8 @@ def flow_sample(v_model, x_T, steps=DDIM_STEPS, on_step=None):
 # resume, precision and the fast paths, several processes, sampling to files, evaluation,
 # pictures, bench and the command line. None of it changes what is computed.
 # =============================================================================
-import argparse, contextlib, functools, io, json, os, pickle, signal, sys, tempfile, time, warnings   # the tool's, not the DDPM's
+import argparse, contextlib, functools, io, json, os, pickle, shlex, signal, sys, tempfile, time
+import warnings   # the tool's, not the DDPM's
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -788,13 +790,13 @@ CHOICES = dict(dataset=tuple(IMAGE_SHAPES), schedule=("linear", "cosine"), lr_sc
                precision=("auto", "bf16", "fp16", "fp32"), preset=tuple(PRESETS),
                objective=("eps", "flow"))
 # (kind, lowest, highest) of every number a flag or a config may hold; "float>" excludes the lowest
-RANGES = dict(T=("int", 2, 10_000), beta_1=("float>", 0, 1), beta_T=("float>", 0, 1), num_res_blocks=("int", 1, 8),
+RANGES = dict(T=("int", 2, 10_000), beta_1=("float>", 0, 0.999), beta_T=("float>", 0, 0.999), num_res_blocks=("int", 1, 8),
               lr=("float>", 0, 3.4e38), weight_decay=("float", 0, 10), batch_size=("int", 1, 1_000_000),
               epochs=("int", 1, 100_000), ema_decay=("float", 0, 0.999999), seed=("int", 0, 2 ** 63 - 1),
               dropout=("float", 0, 0.99), p_uncond=("float", 0, 1), warmup_steps=("int", 0, 10 ** 9),
               min_snr_gamma=("float", 0, 1e6), grid_n=("int", 0, 1024), channel=("int", 8, 1024),
               steps=("int", 1, 1000), eta=("float", 0, 1), guidance=("float", 0, 1000), n=("int", 1, 10 ** 6),
-              max_minutes=("float>", 0, 10 ** 7), max_steps=("int", 1, 10 ** 12), ckpt_every=("int", 0, 10 ** 12),
+              max_minutes=("float>", 0, 10 ** 7), max_steps=("int", 1, 10 ** 9), ckpt_every=("int", 0, 10 ** 9),
               reps=("int", 1, 1000), digits=("int", 1, 16))
 
 def check_number(name, v, what):
@@ -858,7 +860,7 @@ def atomic_write(path, write):
     """write(f) into a temporary file beside `path`, fsync it, then rename it over `path`: a kill,
     or a power cut, at any instant leaves the old file or the new one, never half of one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name[:200]}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -878,8 +880,12 @@ def save_text(text, path):
 def check_in(flag, path):
     """An input must name a file that exists."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{flag} {path}: names a folder, not a file")
+    if p.exists() and not p.is_file():
+        raise UserError(f"{flag} {path}: is not a regular file (a pipe or a device); give a file")
     if not p.is_file():
-        raise UserError(f"{flag} {path}: " + ("names a folder, not a file" if p.is_dir() else "no such file"))
+        raise UserError(f"{flag} {path}: no such file")
     return p
 
 def check_out(flag, path, suffix, inputs=(), folder=False):
@@ -887,18 +893,28 @@ def check_out(flag, path, suffix, inputs=(), folder=False):
     command's inputs, it never replaces a run's training checkpoint, and its folder exists and
     takes a file. Checked before any work, so a refusal loses nothing."""
     p = Path(path)
+    state = holds_training_state(p) if p.is_file() else False
     for bad, why in [(p.name in ("", ".", ".."), "names no file; give a file name"),
                      (not folder and p.suffix.lower() != suffix, f"must end in {suffix}, the kind of file this writes"),
-                     (any(Path(i).resolve() == p.resolve() for i in inputs if i is not None),
+                     (any(same_file(i, p) for i in inputs if i is not None),
                       "is an input of this command; writing it would replace it"),
                      (folder and p.exists() and (not p.is_dir() or any(p.iterdir())), "is not a new or empty folder"),
                      (not folder and p.is_dir(), "is a folder; give a file name"),
-                     (p.is_file() and "opt" in peek(p), "holds a run's training state, which only that run may replace"),
+                     (state is True, "holds a run's training state, which only that run may replace"),
+                     (state is None, "cannot be read to tell that it is not a run's training "
+                                     "checkpoint; move it, or give another name"),
+                     (p.is_file() and not p.stat().st_mode & 0o222, "is a read-only file"),
+                     (p.is_symlink() and not p.exists(), "is a link that leads nowhere (a loop, or "
+                                                         "a missing target); give another name"),
                      (not p.parent.is_dir(), f"the folder {p.parent} does not exist")]:
         if bad:
             raise UserError(f"{flag} {path}: {why}")
     if not writable(p.parent):
         raise UserError(f"{flag} {path}: the folder {p.parent} is not writable")
+
+def same_file(a, b):
+    """Whether two paths name one file, links followed (a loop of links compares as written)."""
+    return os.path.realpath(a) == os.path.realpath(b)
 
 def writable(folder):
     """Whether a file can be created in `folder`, by creating one: os.access reads permission bits
@@ -909,8 +925,26 @@ def writable(folder):
     except OSError:
         return False
 
+def holds_training_state(path):
+    """Whether a file is a run's training checkpoint: True, False, or None where it cannot be read
+    well enough to tell (no read permission; torch's legacy pickle format, which --resume reads
+    but a weights-only peek does not)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return None
+    if head != b"PK":                                      # not a zip, as torch.save writes
+        return None if head[:1] == b"\x80" else False      # a pickle: the legacy format
+    d = peek(path)
+    if not d and Path(path).suffix == ".pt":
+        return None
+    return "opt" in d
+
 def peek(path):
     """A torch file's top-level dict, its tensors left on disk (mmap); {} for anything else."""
+    if not Path(path).is_file():          # a pipe would block the read
+        return {}
     with contextlib.suppress(Exception):
         d = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return d if isinstance(d, dict) else {}
@@ -972,6 +1006,10 @@ def model_from_checkpoint(ckpt, weights="ema"):
     if bad:
         raise UserError(f"--ckpt: its weights do not fit the network its config describes ({len(bad)} missing, "
                         f"misshapen or unexpected, such as {bad[0]})")
+    broken = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if broken:
+        raise UserError(f"--ckpt: {len(broken)} of its weight tensors hold NaN or infinite values, "
+                        f"such as {broken[0]}; its samples would be blank")
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval().requires_grad_(False), cfg
 
@@ -1122,6 +1160,11 @@ def start_processes(args, cfg):
     device = resolve_device(args.device)
     if not several:
         return device, 0, 1
+    missing = [k for k in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+               if not env.get(k, "").strip()]
+    if missing:
+        raise UserError(f"environment WORLD_SIZE={env['WORLD_SIZE']!r} without {', '.join(missing)}: "
+                        "several processes start with torchrun, which sets them all")
     rank, local_rank, world = int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"])
     local_world = int(env["LOCAL_WORLD_SIZE"])                          # the processes on this machine
     if cfg.batch_size % world:
@@ -1136,7 +1179,12 @@ def start_processes(args, cfg):
     elif device.type != "cpu":
         raise UserError(f"--device {args.device}: several processes run on CUDA (nccl) or the CPU (gloo)")
     from datetime import timedelta
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=1))
+    try:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=timedelta(minutes=1))
+    except Exception as e:     # a store that timed out, an address that does not answer
+        raise UserError(f"torchrun: process {rank} could not join the other {world - 1} within a "
+                        f"minute ({type(e).__name__}); start every process with torchrun") from None
     if rank == 0:             # one download, not one per process into the same folder
         read_data(cfg, args.data_dir)
     torch.distributed.barrier()
@@ -1161,11 +1209,14 @@ def read_data(cfg, data_dir, train=True):
     """The config's data set as uint8 images and labels; a missing or broken one is one line."""
     raw = Path(data_dir) / "MNIST" / "raw"
     made = [d for d in (raw, raw.parent, Path(data_dir)) if not d.exists()]
+    split = "training" if train else "test"
     try:   # torchvision before 0.20 prints every download attempt on stdout: kept off it
         with contextlib.redirect_stdout(io.StringIO()):
             if cfg.dataset == "cifar10":
-                return load_cifar10(data_dir, train)
-            return load_mnist(data_dir, train)
+                return check_data(cfg, data_dir, *load_cifar10(data_dir, train), split)
+            return check_data(cfg, data_dir, *load_mnist(data_dir, train), split)
+    except UserError:
+        raise
     except Exception as e:  # no network, a proxy error, a truncated file...
         for d in made:      # leave no empty folders behind
             if d.is_dir() and not any(d.iterdir()):
@@ -1174,6 +1225,19 @@ def read_data(cfg, data_dir, train=True):
             f"the four IDX files (train-images-idx3-ubyte, ...) in {raw}"
         raise UserError(f"--data-dir {data_dir}: {cfg.dataset.upper()} is missing or unreadable and could not be "
                         f"downloaded ({type(e).__name__}); put {put}") from None
+
+def check_data(cfg, data_dir, images, labels, split="training"):
+    """A data set as the network needs it: images of its size, one label 0..9 for each. Returns
+    them."""
+    C, H, W = IMAGE_SHAPES[cfg.dataset]
+    want = (H, W) if C == 1 else (H, W, C)
+    if len(images) == 0 or tuple(images.shape[1:]) != want:
+        raise UserError(f"--data-dir {data_dir}: its {cfg.dataset.upper()} {split} images are "
+                        f"{tuple(images.shape)}; the network takes (N, {', '.join(map(str, want))})")
+    if labels.shape != (len(images),) or labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise UserError(f"--data-dir {data_dir}: its {split} labels do not match its images "
+                        f"({len(labels)} labels for {len(images)} images; each must be 0..9)")
+    return images, labels
 
 def training_draw(cfg, data, labels, p, rank=0, world=1):
     """Alg. 1 lines 2-4 as this run draws them: Part I's, with II.4's flips and II.1's labels.
@@ -1215,6 +1279,27 @@ def build_run(cfg, device, world=1, compile=False, graph=False):
         p.opt, loss_fn = ScaledOptimizer(p.opt, scaler), scale_loss(loss_fn, scaler)
     return p, loss_fn
 
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+def check_books(ckpt, params):
+    """ValueError unless the books are what save_checkpoint writes and AdamW's moments fit the
+    parameters tensor by tensor: a misfit would crash the fused step, not explain itself."""
+    if not (is_number(ckpt["epoch_loss_sum"]) and is_number(ckpt["seconds"])
+            and isinstance(ckpt["history"], list)):
+        raise ValueError("epoch_loss_sum, seconds or history")
+    for key in ("bin_loss_sums", "bin_counts"):
+        v = ckpt.get(key, [0.0] * NOISE_BINS)
+        if not (isinstance(v, list) and len(v) == NOISE_BINS and all(map(is_number, v))):
+            raise ValueError(key)
+    for i, state in ckpt["opt"]["state"].items():
+        if not (isinstance(i, int) and 0 <= i < len(params)):
+            raise ValueError(f"optimizer state for parameter {i!r}")
+        for k in ("exp_avg", "exp_avg_sq"):
+            v, want = state.get(k), params[i]
+            if not (isinstance(v, torch.Tensor) and v.shape == want.shape and v.dtype == want.dtype):
+                raise ValueError(f"optimizer {k} of parameter {i}")
+
 def restore(ckpt, p, path):
     """Put a run back where its checkpoint left it: weights, AdamW's moments, the scaler and the
     generator of t and eps; a state that does not fit is one line. The optimizer keeps this run's
@@ -1223,12 +1308,12 @@ def restore(ckpt, p, path):
     try:
         if not isinstance(ckpt["step"], int) or ckpt["step"] < 0:
             raise ValueError(f"step {ckpt['step']!r}")
+        check_books(ckpt, list(p.model.parameters()))
         for part in ("model", "ema", "opt"):
             getattr(p, part).load_state_dict(ckpt[part])
         if ckpt.get("scaler") and isinstance(p.opt, ScaledOptimizer):
             p.opt.scaler.load_state_dict(ckpt["scaler"])
         p.gen.set_state(ckpt["rng"])
-        float(ckpt["epoch_loss_sum"]), float(ckpt["seconds"]), list(ckpt["history"])
     except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
         raise UserError(f"--resume: {path}: its training state does not fit this run ({type(e).__name__}: "
                         f"{(str(e).strip().splitlines() or [''])[0][:120]})") from None
@@ -1247,6 +1332,10 @@ def open_books(args, cfg, p, ckpt, start, steps_per_epoch, total, rank, world):
     Ctrl-C kills). Under torchrun every process keeps its own; process 0 alone writes and prints.
     `ckpt`: a restored run's checkpoint, or None; `total`: where this invocation stops."""
     ck = ckpt or {}
+    lock = None
+    if rank == 0:                    # first: a second train on the folder is refused before all else
+        Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+        lock = lock_folder(args.run_dir)
     # the epoch's loss sum, then loss sums and counts per quarter of t; the saved totals go to process 0
     sums = torch.tensor([ck.get("epoch_loss_sum", 0.0), *ck.get("bin_loss_sums", [0.0] * NOISE_BINS),
                          *ck.get("bin_counts", [0.0] * NOISE_BINS)], device=p.gen.device) * (rank == 0)
@@ -1254,20 +1343,25 @@ def open_books(args, cfg, p, ckpt, start, steps_per_epoch, total, rank, world):
         args=args,                               # run_dir, max_minutes, ckpt_every
         cfg=cfg, p=p, steps_per_epoch=steps_per_epoch, total=total, world=world, lead=rank == 0, sums=sums,
         start=start, done=0,                     # the steps this invocation began and stopped at
-        interrupted=False, t_open=time.time(), seconds0=ck.get("seconds", 0.0),
+        interrupted=False, signal=None, t_open=time.time(), seconds0=ck.get("seconds", 0.0),
         history=ck.get("history", []), seconds=ck.get("seconds", 0.0),   # both kept in every checkpoint
         last_good=start if ckpt else None,       # the step of the last checkpoint
         recent=[],                               # losses since the last check: a check waits for the GPU
+        lock=lock,                               # the run folder's lock, held by process 0
         bar=progress_bar(total=total, initial=start, unit="step", disable=rank != 0))
     if bk.lead:
-        Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+        if args.overwrite:           # the old run's own files go, and nothing else
+            for f in sorted({f for pattern in RUN_FILES for f in Path(args.run_dir).glob(pattern)}):
+                f.unlink()
         save_text(json.dumps(asdict(cfg), indent=2) + "\n", Path(args.run_dir) / "config.json")
     set_lr(p.opt, lr_at(start, cfg, cfg.epochs * steps_per_epoch))
 
-    def on_sigint(*_):
-        bk.interrupted = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGINT, on_sigint)
+    def on_signal(signum, _):   # Ctrl-C, or SIGTERM (kill, timeout, Slurm, docker stop)
+        bk.interrupted, bk.signal = True, signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)      # a second one kills
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     return bk
 
 def keep_books(bk, step, loss, t, err):
@@ -1300,25 +1394,28 @@ def keep_books(bk, step, loss, t, err):
             bk.sums.zero_()
         if bk.lead:           # the checkpoint first: a grid that fails loses no training
             save_checkpoint(bk, n)
-            if n % spe == 0:
-                write_loss_csv(bk.history, Path(bk.args.run_dir) / "loss.csv", cfg)
-                if cfg.grid_n:
-                    epoch_grid(bk.p, cfg, Path(bk.args.run_dir) / f"grid_epoch{n // spe:03d}.png")
         bk.last_good = n
+        if bk.lead and n % spe == 0:
+            write_loss_csv(bk.history, Path(bk.args.run_dir) / "loss.csv", cfg)
+            if cfg.grid_n:
+                epoch_grid(bk.p, cfg, Path(bk.args.run_dir) / f"grid_epoch{n // spe:03d}.png")
     set_lr(bk.p.opt, lr_at(n, cfg, cfg.epochs * spe))           # the horizon is --epochs, not --max-steps
     return stop
+
+def last_checkpoint(bk):
+    if bk.last_good is None:
+        return "no checkpoint was written"
+    return f"the last good checkpoint is {Path(bk.args.run_dir) / 'ckpt.pt'} (step {bk.last_good})"
 
 def check_losses(bk, n):
     """Stop at the first NaN or infinite loss since the last check, naming its step."""
     recent = all_sum(torch.stack(bk.recent), bk.world) / bk.world          # (k,): the whole batch's losses
     bad = (~torch.isfinite(recent)).nonzero()
     if len(bad):
-        bk.bar.close()
-        kept = "no checkpoint was written" if bk.last_good is None else \
-            f"the last good checkpoint is {Path(bk.args.run_dir) / 'ckpt.pt'} (step {bk.last_good})"
+        end_run(bk)
         if bk.lead:
-            note(f"error: the loss became NaN or infinite at step {n - len(bk.recent) + int(bad[0]) + 1}; {kept}. "
-                 "Try a smaller --lr, or --precision fp32.")
+            note(f"error: the loss became NaN or infinite at step {n - len(bk.recent) + int(bad[0]) + 1}; "
+                 f"{last_checkpoint(bk)}. Try a smaller --lr, or --precision fp32.")
         leave(1, bk.world)
     # images/s of this invocation: tqdm's own rate stays unset until a redraw, a minute into a log
     bk.bar.set_postfix(loss=f"{recent.mean().item():.4f}", refresh=False,     # tqdm redraws at its own pace
@@ -1336,17 +1433,30 @@ def save_checkpoint(bk, step):
         history=bk.history, seconds=bk.seconds, versions=dict(torch=str(torch.__version__)),
         device=f"cuda ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else dev.type), f))
 
-def close_books(bk):
+def resume_command(args):
+    """The command that continues this run, quoted for a shell."""
+    return (f"python ddpm_mnist.py train --run-dir {shlex.quote(str(args.run_dir))} "
+            f"--data-dir {shlex.quote(str(args.data_dir))} --resume")
+
+def end_run(bk):
+    """What every end of a run undoes: the bar, the signal handlers, the run folder's lock."""
     bk.bar.close()
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if bk.lock is not None:
+        os.close(bk.lock)
+        bk.lock = None
+
+def close_books(bk):
+    end_run(bk)
     ckpt = Path(bk.args.run_dir) / "ckpt.pt"
     if bk.interrupted and bk.lead:
         note(f"interrupted: saved {ckpt} at step {bk.done}; continue with\n"
-             f"  python ddpm_mnist.py train --run-dir {bk.args.run_dir} --resume")
+             f"  {resume_command(bk.args)}")
     elif bk.lead:
         print(f"saved {ckpt} at step {bk.done} ({bk.seconds:.0f} s of training)"
               + ("; continue with --resume" if bk.done < bk.cfg.epochs * bk.steps_per_epoch else ""))
-    leave(130 if bk.interrupted else None, bk.world)
+    leave(128 + bk.signal if bk.interrupted else None, bk.world)   # 130 Ctrl-C, 143 SIGTERM
 
 def noise_bin(t, cfg):
     """Each image's quarter of the noise levels, 0..NOISE_BINS-1: of the indices 0..T-1, or of a
@@ -1558,9 +1668,23 @@ def write_samples(images, out, fmt, labels=None):
         for i, im in enumerate(images):
             save_png(Image.fromarray(im.numpy()), Path(out) / f"{i:06d}.png")
 
+NPZ_LIMIT = RANGES["n"][2] * (32 * 32 * 3 + 8) + 2 ** 20   # the most samples --n makes, labels
+
+def npz_size(path):
+    """The bytes an .npz holds once decompressed, from its zip directory (0 if not a zip)."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            return sum(i.file_size for i in z.infolist())
+    except zipfile.BadZipFile:
+        return 0
+
 def read_samples(path):
     """uint8 images (N, 28, 28) and, if the file holds them, the labels they were asked for."""
     check_in("--samples", path)
+    if npz_size(path) > NPZ_LIMIT:
+        raise UserError(f"--samples {path}: would take {npz_size(path) / 1e9:.1f} GB once "
+                        f"decompressed, more than {RANGES['n'][2]:,} samples; refused unread")
     try:
         with np.load(path, allow_pickle=False) as z:        # an object array would need pickle: refused
             a = z["images"] if "images" in z.files else z[z.files[0]]
@@ -1635,6 +1759,13 @@ def classifier_cache(path, data_dir, device):
             raise UserError(f"--classifier {path}: not an evaluation classifier made by this program; delete it "
                             "to train one there, or give another path") from None
         return clf.to(device).eval().requires_grad_(False), c
+    folder = next(a for a in [path.parent, *path.parent.parents] if a.exists())
+    if not writable(folder):                 # said now, not after minutes of training
+        raise UserError(f"--classifier {path}: {folder} is not writable, so it cannot be cached there")
+    n = len(read_data(RunConfig(), data_dir)[0])
+    if n < CLASSIFIER_BATCH:                 # fewer: not one step, and every score meaningless
+        raise UserError(f"--data-dir {data_dir}: {n} training images cannot train the evaluation "
+                        f"classifier; it needs at least {CLASSIFIER_BATCH}")
     print(f"training the evaluation classifier (once; cached in {path})")
     clf = train_classifier(data_dir, device)
     test_x, test_y = read_data(RunConfig(), data_dir, train=False)
@@ -2014,6 +2145,24 @@ def build_parser():
 
 # --- the commands: each checks what it can before slow work starts or a file is written ---
 
+RUN_FILES = ("ckpt.pt", "config.json", "loss.csv", "grid_epoch*.png", ".*.tmp")   # what train writes
+
+def lock_folder(folder):
+    """Hold an exclusive lock on the run folder while this process lives: a second train there is
+    refused, and the lock dies with the process, so a kill leaves nothing to clean by hand."""
+    try:
+        import fcntl
+    except ImportError:               # Windows: no such lock; one train per folder is the user's care
+        return None
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"--run-dir {folder}: another train is running in it; wait for it to end, "
+                        "or give another folder") from None
+    return fd
+
 def train_config(args):
     """The preset overlaid with the flags given; on --resume, the checkpoint's config. Returns
     the config and the checkpoint to resume from (read once, here)."""
@@ -2031,6 +2180,11 @@ def train_config(args):
         if path.exists() and not args.overwrite:
             raise UserError(f"--run-dir {args.run_dir}: already holds a checkpoint; add --resume to continue it "
                             "or --overwrite to start over")
+        folder = Path(args.run_dir)
+        if folder.is_dir() and any(folder.iterdir()) and not args.overwrite:
+            raise UserError(f"--run-dir {args.run_dir}: holds files but no checkpoint; give a new or "
+                            "empty folder, or --overwrite to remove a run's own files there "
+                            f"({', '.join(RUN_FILES[:4])}) and train in it")
         if given.get("objective") == "flow":
             given = flow_settings(args.preset, given)
         return config_from_dict(asdict(replace(PRESETS[args.preset], **given)), "train"), None
@@ -2076,6 +2230,9 @@ def cmd_train(args):
     set_fast_math(device)
     images, labels = read_data(cfg, args.data_dir)
     spe = len(images) // cfg.batch_size
+    if ckpt and ckpt.get("steps_per_epoch", spe) != spe:
+        raise UserError(f"--data-dir {args.data_dir}: {len(images)} training images make {spe} steps "
+                        f"an epoch, and the run took {ckpt['steps_per_epoch']}; resume it on its own data")
     total = min(args.max_steps or math.inf, cfg.epochs * spe)
     if spe == 0 or ckpt and isinstance(ckpt["step"], int) and ckpt["step"] >= total:
         raise UserError(f"--batch-size {cfg.batch_size}: larger than the {len(images)} training images" if spe == 0
@@ -2097,7 +2254,14 @@ def cmd_train(args):
         bk = open_books(args, cfg, p, ckpt, start, spe, total, rank, world)
         data = images.to(device)
         draw = training_draw(cfg, data, labels.to(device), p, rank, world)
-        (train if why_not else train_graphed)(cfg, data, p, bk.start, lambda *a: keep_books(bk, *a), draw, loss_fn)
+        try:
+            (train if why_not else train_graphed)(cfg, data, p, bk.start, lambda *a: keep_books(bk, *a),
+                                                  draw, loss_fn)
+        except OSError as e:     # a full disk, a folder gone: the run stops, its checkpoint kept
+            end_run(bk)
+            if bk.lead:
+                note(f"error: {os_reason(e)}; {last_checkpoint(bk)}")
+            leave(1, world)
     close_books(bk)
 
 def describe_run(cfg, p, device, world, precision, spe, resumed_at, step):
@@ -2114,6 +2278,9 @@ def describe_run(cfg, p, device, world, precision, spe, resumed_at, step):
           + f"; device {device}" + (f" x {world} processes" if world > 1 else "") + f"; {precision}; "
           + f"{spe} steps/epoch, {cfg.epochs} epochs"
           + (f"; resuming at step {resumed_at}" if resumed_at is not None else ""))
+    if resumed_at is not None:
+        print("resume: the run's own recipe, from its checkpoint; config.json and --preset are "
+              "not read again, and only --epochs may change")
     print(f"step: {step}")
     if device.type == "cpu" and cfg.preset == "paper":
         note("note: the case-study recipe takes many hours on a CPU; `--preset cpu` makes digits in about "
@@ -2218,7 +2385,7 @@ def report_table(r):
 
 def check_classifier(path, inputs):
     """evaluate's and compare's --classifier: read if it exists (and checked then), else trained and written."""
-    if any(i is not None and Path(i).resolve() == Path(path).resolve() for i in inputs):
+    if any(i is not None and same_file(i, path) for i in inputs):
         raise UserError(f"--classifier {path}: is also another input or output of this command")
     if not Path(path).exists() and Path(path).suffix != ".pt":
         raise UserError(f"--classifier {path}: must end in .pt, the classifier this writes on first use")
@@ -2240,7 +2407,7 @@ def cmd_evaluate(args):
         source = dict(samples_from=f"read from {args.samples}", samples_file=str(args.samples))
     else:           # samples/ is the project's: a report on committed weights goes to the current folder
         path = checkpoint_to_sample(args.ckpt)
-        committed = path.resolve().parent == SHIPPED_CKPT.parent
+        committed = same_file(path.parent, SHIPPED_CKPT.parent)
         out = Path(args.out or ("evaluate.json" if committed else path.with_name("evaluate.json")))
         eps_model, schedule, cfg = load_for_sampling(args, out, ".json", classifier=args.classifier)
         guide = guidance_from_args(args, cfg, args.n, 1)       # conditional: digits 0-9 in turn
@@ -2344,15 +2511,27 @@ def cmd_export(args):
     print(f"wrote {args.out}: {count_params(model):,} EMA weights in fp16, {Path(args.out).stat().st_size / 1e6:.1f} "
           f"MB; {trained_note(record['trained'])}")
 
+def os_reason(e):
+    """An OSError as the path and the system's reason: 'runs/x: Permission denied'."""
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or type(e).__name__}"
+
 def main(argv=None):
-    """Parse, run the command, and turn every UserError into one line and exit code 2: bad input
-    never shows a traceback."""
+    """Parse, run the command, and turn every UserError and every error of the operating system
+    (a name too long, a loop of links, no permission, a full disk) into one line and exit code 2:
+    bad input never shows a traceback. Ctrl-C before training's own handler is exit code 130."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        print(f"error: {os_reason(e)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 if __name__ == "__main__":
     main()

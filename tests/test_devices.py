@@ -120,7 +120,7 @@ def test_more_processes_than_cards_is_refused_before_joining(monkeypatch):
     """What each of 4 torchrun processes on a 2-card machine checks first."""
     import argparse
     for k, v in dict(WORLD_SIZE="4", LOCAL_WORLD_SIZE="4", RANK="0", LOCAL_RANK="0", MASTER_ADDR="localhost",
-                 TORCHELASTIC_RUN_ID="x").items():
+                 MASTER_PORT="29500", TORCHELASTIC_RUN_ID="x").items():
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

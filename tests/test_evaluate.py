@@ -119,7 +119,8 @@ def test_compare_end_to_end(tiny_run, mnist_dir, classifier, tmp_path, capsys):
     dm.main(["compare", "--ckpt", str(tiny_run / "ckpt.pt"), "--n", "6", "--data-dir", str(mnist_dir),
              "--classifier", str(classifier), "--out", str(out), "--device", "cpu"])
     text = capsys.readouterr().out
-    for name in ("DDPM 1000", "DDIM 10", "DDIM 20", "DDIM 50", "DDIM 100", "DDIM 50, eta 1"):
+    names = ("DDPM 1000", "DDIM 10", "DDIM 20", "DDIM 50", "DDIM 100", "DDIM 50, eta 1", "DPM++ 10", "DPM++ 20")
+    for name in names:
         assert name in text
     img = Image.open(out)
-    assert img.size[1] == 2 + 6 * (56 + 2)           # one row per sampler, 28 px at scale 2
+    assert img.size[1] == 2 + len(names) * (56 + 2)  # one row per sampler, 28 px at scale 2

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ddpm_mnist as dm
+from conftest import make_mnist, write_idx
 from test_cli import in_process, snapshot
 
 
@@ -49,6 +50,35 @@ def home(tmp_path_factory, tiny_run, mnist_dir, classifier):
     np.savez(h / "objects.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.array([1, "a", None, 2], object))
     np.savez(h / "labels_range.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.array([1, 2, 3, 11]))
     (h / "out").mkdir()
+    # the classes of a later hunt: files not the program's, crafted state, data sets, links
+    (h / "mine").mkdir()
+    (h / "mine" / "config.json").write_text("{}")                    # the user's own, no run
+    torch.save({k: v for k, v in ck.items()}, h / "legacy.pt", _use_new_zipfile_serialization=False)
+    (h / "ro.png").write_bytes(b"\x89PNG")
+    (h / "ro.png").chmod(0o444)
+    os.mkfifo(h / "pipe.pt")
+    os.symlink(h / "loop.pt", h / "loop.pt")
+    os.symlink(h / "loop.png", h / "loop.png")
+    crafted("nan.pt", lambda c: c["ema"].__setitem__("stem.bias", c["ema"]["stem.bias"] * float("nan")))
+    crafted("cfg_beta_T_1.0.pt", lambda c: c["config"].__setitem__("beta_T", 1.0))
+    crafted("cfg_T_10.pt", lambda c: c["config"].__setitem__("T", 10))
+
+    def misshape_moment(c):
+        c["opt"] = {"state": {i: dict(v) for i, v in c["opt"]["state"].items()},
+                    "param_groups": c["opt"]["param_groups"]}
+        c["opt"]["state"][0]["exp_avg"] = torch.zeros(3)
+    for name, change in [("expavg", misshape_moment),
+                         ("bins", lambda c: c.__setitem__("bin_loss_sums", "abc"))]:
+        (h / f"run_{name}").mkdir()
+        crafted(f"run_{name}/ckpt.pt", change)
+    make_mnist(h / "data_small", n_train=128)
+    make_mnist(h / "data_five", n_train=5)
+    for name, images, labels in [("data_32px", torch.zeros(64, 32, 32, dtype=torch.uint8), torch.zeros(64)),
+                                 ("data_fewlabels", torch.zeros(64, 28, 28, dtype=torch.uint8), torch.zeros(60)),
+                                 ("data_label12", torch.zeros(64, 28, 28, dtype=torch.uint8), torch.full((64,), 12))]:
+        make_mnist(h / name)
+        write_idx(h / name / "MNIST" / "raw" / "train-images-idx3-ubyte", images)
+        write_idx(h / name / "MNIST" / "raw" / "train-labels-idx1-ubyte", labels.to(torch.uint8))
     return h
 
 
@@ -104,6 +134,27 @@ CASES = [  # (command line, words the one line must hold)
     ("sample --n 1000000000000", "--n"),
     ("train --batch-size 10000000 --run-dir new", "--batch-size"),
     ("train --lr inf --run-dir new", "--lr"),
+    # the operating system's refusals: one line naming the path and the reason
+    ("sample --ckpt a/ckpt.pt --out " + "a" * 300 + ".png", "File name too long"),
+    ("sample --ckpt loop.pt --out out/s.png", "--ckpt loop.pt"),
+    ("sample --ckpt a/ckpt.pt --out loop.png", "--out loop.png: is a link that leads nowhere"),
+    ("sample --ckpt pipe.pt --out out/s.png", "--ckpt pipe.pt: is not a regular file"),
+    # files that are not the program's, or cannot be read to tell, are never replaced
+    ("train --run-dir mine --data-dir data", "--run-dir mine: holds files but no checkpoint"),
+    ("export --ckpt a/ckpt.pt --out legacy.pt", "--out legacy.pt: cannot be read to tell"),
+    ("sample --ckpt a/ckpt.pt --out ro.png", "--out ro.png: is a read-only file"),
+    # crafted state, weights and configs: checked before any work
+    ("train --run-dir run_expavg --resume --epochs 3 --data-dir data", "optimizer exp_avg of parameter 0"),
+    ("train --run-dir run_bins --resume --epochs 3 --data-dir data", "bin_loss_sums"),
+    ("sample --ckpt nan.pt --out out/s.png", "--ckpt: 1 of its weight tensors hold NaN"),
+    ("sample --ckpt cfg_beta_T_1.0.pt --out out/s.png", "config beta_T 1.0: need a number above 0 and at most 0.999"),
+    ("sample --ckpt cfg_T_10.pt --out out/s.png", "--steps 50: this model has T=10 timesteps"),
+    # data sets: the size the network takes, one label 0..9 per image, enough to score with
+    ("train --run-dir a --resume --epochs 3 --data-dir data_small", "resume it on its own data"),
+    ("train --run-dir new --data-dir data_32px", "images are (64, 32, 32); the network takes (N, 28, 28)"),
+    ("train --run-dir new --data-dir data_fewlabels", "60 labels for 64 images"),
+    ("train --run-dir new --data-dir data_label12", "each must be 0..9"),
+    ("evaluate --samples s.npz --data-dir data_five --classifier new.pt", "5 training images cannot train"),
 ]
 
 
@@ -147,12 +198,65 @@ def test_every_command_refuses_an_out_that_is_one_of_its_inputs(home):
     assert snapshot(home) == before
 
 
-def test_the_checkpoint_of_an_epoch_is_written_before_its_grid(mnist_dir, tmp_path, monkeypatch):
-    """A grid that fails (here: its picture cannot be written) loses no training."""
+def test_the_checkpoint_of_an_epoch_is_written_before_its_grid(mnist_dir, tmp_path, monkeypatch, capsys):
+    """A grid that fails (here: its picture cannot be written) loses no training; the run stops
+    with exit code 1 and one line naming its last checkpoint."""
     def no_grids(*args):
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device", "grid_epoch001.png")
     monkeypatch.setattr(dm, "epoch_grid", no_grids)
-    with pytest.raises(OSError):
+    with pytest.raises(SystemExit) as e:
         dm.main(["train", "--channels", "8,8,16,16", "--batch-size", "32", "--epochs", "2", "--device", "cpu",
                  "--data-dir", str(mnist_dir), "--run-dir", str(tmp_path / "r")])
     assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"] == 8       # epoch 1 was saved
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "No space left on device" in err and "the last good checkpoint is" in err
+
+
+def test_torchrun_started_by_hand_without_its_rank_is_one_line(home, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    for k in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    r = in_process(["train", "--run-dir", "new", "--data-dir", "data", "--device", "cpu"], home)
+    assert r.returncode == 2 and "without RANK" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (home / "new").exists()
+
+
+def test_an_npz_is_measured_before_it_is_decompressed(home, monkeypatch):
+    monkeypatch.setattr(dm, "NPZ_LIMIT", 1000)          # s.npz holds 4 x 784 bytes
+    r = in_process(["evaluate", "--samples", "s.npz", "--classifier", "clf.pt", "--out", "out/e.json"], home)
+    assert r.returncode == 2 and "refused unread" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_run_folder_is_locked_while_a_train_runs_in_it(home):
+    import fcntl
+    fd = os.open(home / "b", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)      # as a running train holds it
+    try:
+        before = snapshot(home)
+        r = in_process(["train", "--run-dir", "b", "--resume", "--epochs", "3", "--data-dir", "data",
+                        "--device", "cpu"], home)
+        assert r.returncode == 2 and "another train is running in it" in r.stderr, r.stderr
+        assert snapshot(home) == before
+    finally:
+        os.close(fd)
+
+
+def test_overwrite_removes_the_runs_own_files_and_nothing_else(mnist_dir, tmp_path):
+    run = tmp_path / "r"
+    args = ["train", "--channels", "8,8,16,16", "--batch-size", "32", "--grid-n", "4", "--device", "cpu",
+            "--data-dir", str(mnist_dir), "--run-dir", str(run)]
+    dm.main([*args, "--epochs", "2"])
+    (run / "notes.txt").write_text("mine")
+    dm.main([*args, "--epochs", "1", "--overwrite"])
+    assert sorted(f.name for f in run.iterdir()) == ["ckpt.pt", "config.json", "grid_epoch001.png", "loss.csv",
+                                                     "notes.txt"]
+    assert len((run / "loss.csv").read_text().splitlines()) == 2
+
+
+def test_seeds_combine_without_overflow_and_keep_the_order_they_had():
+    big = dm.epoch_batches(64, 8, 2 ** 63 - 1, 3)                       # the largest --seed
+    assert sorted(big.flatten().tolist()) == list(range(64))
+    want = torch.randperm(64, generator=torch.Generator().manual_seed(5 * 1_000_003 + 2))
+    assert torch.equal(dm.epoch_batches(64, 8, 5, 2).flatten(), want)   # as before for seed 5

@@ -47,7 +47,10 @@ def test_sigkill_then_resume_gives_bitwise_the_same_weights(mnist_dir, tmp_path)
         (run / "loss.csv").read_text().splitlines()[1:][0].split(",")[:3]
 
 
-def test_ctrl_c_saves_and_exits_130(mnist_dir, tmp_path):
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_saves_and_exits_128_plus_the_signal(mnist_dir, tmp_path, sig, code):
+    """Ctrl-C, and SIGTERM as kill, timeout, Slurm and docker stop send it: the step finishes,
+    the checkpoint is saved, and the line to resume names the run folder and the data."""
     run = tmp_path / "r"
     p = subprocess.Popen([sys.executable, str(ROOT / "ddpm_mnist.py"), "train", *TINY_ARGS, "--grid-n", "0",
                           "--epochs", "50", "--data-dir", str(mnist_dir), "--run-dir", str(run), "--ckpt-every", "2"],
@@ -55,10 +58,10 @@ def test_ctrl_c_saves_and_exits_130(mnist_dir, tmp_path):
     deadline = time.time() + 60
     while not (run / "ckpt.pt").exists() and time.time() < deadline:
         time.sleep(0.02)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     out, err = p.communicate(timeout=60)
-    assert p.returncode == 130, err
-    assert "--resume" in err and "Traceback" not in err
+    assert p.returncode == code, err
+    assert "--resume" in err and f"--data-dir {mnist_dir}" in err and "Traceback" not in err
     step = torch.load(run / "ckpt.pt", weights_only=True)["step"]
     assert 0 < step < 400
 
