@@ -2067,15 +2067,17 @@ SAMPLING = "device ckpt precision sampler steps eta no_clip weights compile cuda
 COMMANDS = {  # name: (help, description, flags[=default]); a command's own flags come in build_parser
     "train": ("train a DDPM (Alg. 1)", "Train the U-Net; writes ckpt.pt, config.json, loss.csv and per-epoch EMA "
               "sample grids into --run-dir. Defaults come from --preset.", "data_dir run_dir device compile cuda_graph"),
-    "sample": ("draw digits with DDPM or DDIM (Alg. 2, DDIM Eq. 12)", "Sample from a checkpoint's EMA weights into "
+    "sample": ("draw digits with DDPM, DDIM, DPM-Solver++ or a flow's Euler steps",
+               "Sample from a checkpoint's EMA weights into "
                "a PNG grid, an .npz, a folder of PNGs, or a denoising GIF.",
                SAMPLING + " n=64 batch_size=256 digit guidance seed"),
     "evaluate": ("FID, digit classes and copies of samples", "Score N samples (generated, or read from --samples) "
                  "with a cached MNIST classifier; prints a table and writes a JSON report.",
                  SAMPLING + " n=10000 batch_size=500 data_dir classifier guidance seed"),
-    "compare": ("DDPM-1000 against DDIM at 10-100 steps, same noise", "From one starting noise: DDPM (all T steps), "
-                "DDIM eta=0 at 10, 20, 50, 100 steps and DDIM eta=1 at 50, or with --guidance guidance scales; "
-                "a table and a picture.", "device ckpt precision weights n=1000 batch_size=500 data_dir classifier "
+    "compare": ("the samplers side by side, same noise", "From one starting noise: DDPM (all T "
+                "steps), DDIM eta=0 at 10, 20, 50, 100 steps, DDIM eta=1 at 50 and DPM-Solver++ at 10 and "
+                "20 (a flow model: Euler at 10, 20, 50), or with --guidance guidance scales; a table "
+                "and a picture.", "device ckpt precision weights n=1000 batch_size=500 data_dir classifier "
                                           "seed"),
     "bench": ("time a training step in each mode, and the samplers", "The training step eager, compiled "
               "(--compile) and captured as a CUDA graph (--cuda-graph) side by side, with the warm-up each costs, "
