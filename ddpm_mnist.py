@@ -1397,8 +1397,9 @@ def keep_books(bk, step, loss, t, err):
         bk.last_good = n
         if bk.lead and n % spe == 0:
             write_loss_csv(bk.history, Path(bk.args.run_dir) / "loss.csv", cfg)
-            if cfg.grid_n:
-                epoch_grid(bk.p, cfg, Path(bk.args.run_dir) / f"grid_epoch{n // spe:03d}.png")
+            if cfg.grid_n:          # after the checkpoint: resume with a smaller --grid-n
+                with blame("--grid-n", bk.p.gen.device):
+                    epoch_grid(bk.p, cfg, Path(bk.args.run_dir) / f"grid_epoch{n // spe:03d}.png")
     set_lr(bk.p.opt, lr_at(n, cfg, cfg.epochs * spe))           # the horizon is --epochs, not --max-steps
     return stop
 
@@ -2147,6 +2148,7 @@ def build_parser():
 
 # --- the commands: each checks what it can before slow work starts or a file is written ---
 
+RESUME_MAY_CHANGE = ("epochs", "grid_n")   # the run's length and its pictures, not its model
 RUN_FILES = ("ckpt.pt", "config.json", "loss.csv", "grid_epoch*.png", ".*.tmp")   # what train writes
 
 def lock_folder(folder):
@@ -2200,10 +2202,10 @@ def train_config(args):
         raise UserError(f"--cond: {path} is an unconditional run; a resumed run keeps its config" if args.cond
                         else f"--resume: {path} is a class-conditional run; add --cond to resume it")
     for k, v in given.items():   # the same run: another lr or width would make another model; only its length grows
-        if k != "epochs" and v != getattr(saved, k):
+        if k not in RESUME_MAY_CHANGE and v != getattr(saved, k):
             raise UserError(f"--{k.replace('_', '-')} {v}: differs from the checkpoint's {getattr(saved, k)}; "
-                            "a resumed run keeps its config (only --epochs may change)")
-    return replace(saved, epochs=given.get("epochs", saved.epochs)), ckpt
+                            "a resumed run keeps its config (only --epochs and --grid-n may change)")
+    return replace(saved, **{k: given[k] for k in RESUME_MAY_CHANGE if k in given}), ckpt
 
 FLOW_UNUSED = dict(schedule="linear", min_snr_gamma=0.0)   # a flow has no betas and no SNR weight
 
@@ -2259,10 +2261,11 @@ def cmd_train(args):
         try:
             (train if why_not else train_graphed)(cfg, data, p, bk.start, lambda *a: keep_books(bk, *a),
                                                   draw, loss_fn)
-        except OSError as e:     # a full disk, a folder gone: the run stops, its checkpoint kept
+        except (OSError, UserError) as e:   # a full disk, a grid too large: the run stops, kept
             end_run(bk)
             if bk.lead:
-                note(f"error: {os_reason(e)}; {last_checkpoint(bk)}")
+                why = os_reason(e) if isinstance(e, OSError) else str(e)
+                note(f"error: {why}; {last_checkpoint(bk)}")
             leave(1, world)
     close_books(bk)
 
@@ -2282,7 +2285,7 @@ def describe_run(cfg, p, device, world, precision, spe, resumed_at, step):
           + (f"; resuming at step {resumed_at}" if resumed_at is not None else ""))
     if resumed_at is not None:
         print("resume: the run's own recipe, from its checkpoint; config.json and --preset are "
-              "not read again, and only --epochs may change")
+              "not read again, and only --epochs and --grid-n may change")
     print(f"step: {step}")
     if device.type == "cpu" and cfg.preset == "paper":
         note("note: the case-study recipe takes many hours on a CPU; `--preset cpu` makes digits in about "

@@ -260,3 +260,18 @@ def test_seeds_combine_without_overflow_and_keep_the_order_they_had():
     assert sorted(big.flatten().tolist()) == list(range(64))
     want = torch.randperm(64, generator=torch.Generator().manual_seed(5 * 1_000_003 + 2))
     assert torch.equal(dm.epoch_batches(64, 8, 5, 2).flatten(), want)   # as before for seed 5
+
+
+def test_a_grid_out_of_memory_blames_grid_n_keeps_the_checkpoint_and_resumes_without_it(mnist_dir, tmp_path,
+                                                                                      monkeypatch, capsys):
+    def no_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(dm, "epoch_grid", no_memory)
+    run = tmp_path / "r"
+    args = ["--data-dir", str(mnist_dir), "--run-dir", str(run), "--device", "cpu"]
+    with pytest.raises(SystemExit) as e:
+        dm.main(["train", "--channels", "8,8,16,16", "--batch-size", "32", "--epochs", "2", *args])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 1 and err.startswith("error: --grid-n:") and "(step 8)" in err, err
+    dm.main(["train", "--resume", "--grid-n", "0", *args])          # the grid is a picture, not the model
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 16
