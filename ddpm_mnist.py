@@ -528,7 +528,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)   # 3 x (B, HW, C)
+        qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2)             # (B, HW, 3C)
+        q, k, v = qkv.chunk(3, dim=2)                                        # 3 x (B, HW, C)
         h = F.scaled_dot_product_attention(q, k, v)                                   # (B, HW, C)
         return x + self.proj(h.transpose(1, 2).reshape(B, C, H, W))
 
@@ -550,7 +551,8 @@ class CifarUNet(UNet):
     """32 px colour in and out; CifarResBlocks, attending at the levels of attn_sizes."""
 
     def __init__(self, channels, num_res_blocks=2, attn_sizes=(16,), dropout=0.1):
-        self.attn_sizes, self.p_dropout = attn_sizes, dropout    # set first: UNet's init calls res_block
+        # set first: UNet's __init__ calls res_block, which reads them
+        self.attn_sizes, self.p_dropout = attn_sizes, dropout
         super().__init__(channels, num_res_blocks, in_channels=3, size=32)
 
     def res_block(self, c_in, c_out, t_dim, size):
@@ -585,12 +587,13 @@ def lr_at(step, cfg, total):
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 def min_snr_weight(schedule, t, gamma):
-    """min(SNR_t, gamma) / SNR_t with SNR_t = alpha_bar_t / (1 - alpha_bar_t), for eps-prediction."""
-    snr = schedule.sqrt_recipm1_alphas_cumprod[t] ** -2   # from float64: 1 - alpha_bar_t in float32 loses digits
+    """min(SNR_t, gamma) / SNR_t, SNR_t = alpha_bar_t / (1 - alpha_bar_t), for eps-prediction."""
+    # from a buffer computed in float64: 1 - alpha_bar_t in float32 loses digits
+    snr = schedule.sqrt_recipm1_alphas_cumprod[t] ** -2
     return snr.clamp(max=gamma) / snr
 
 def min_snr_loss(gamma, loss_fn=diffusion_loss):
-    """loss_fn with each image's error weighted by min_snr_weight: a weight on the per-image loss."""
+    """loss_fn with each image's error weighted by min_snr_weight: a per-image weight."""
     def weighted(eps_model, schedule, b):
         _, err = loss_fn(eps_model, schedule, b)
         return (min_snr_weight(schedule, b.t, gamma) * err).mean(), err
@@ -625,9 +628,10 @@ def min_snr_loss(gamma, loss_fn=diffusion_loss):
 #
 # Neither solver reaches the stochastic samplers on a briefly trained model: on the committed
 # weights DDIM-50 scored FID 30.1, DPM-Solver++ 28.7 in 20 calls, and DDIM-50 with eta 1 11.8
-# (samples/README.md). An ODE follows the network's errors faithfully to the end; fresh noise at each step pulls the
-# sample back to where the network was trained and so forgets earlier errors (Karras et al.
-# 2022, https://arxiv.org/abs/2206.00364, Sec. 4). A better solver fixes the steps, not the model.
+# (samples/README.md). An ODE follows the network's errors faithfully to the end; fresh noise
+# at each step pulls the sample back to where the network was trained and so forgets earlier
+# errors (Karras et al. 2022, https://arxiv.org/abs/2206.00364, Sec. 4). A better solver fixes
+# the steps, not the model.
 
 DPM_SOLVER_STEPS = 20            # as good as DDIM-50 on the committed weights (samples/README.md)
 
@@ -733,9 +737,21 @@ def flow_sample(v_model, x_T, steps=DDIM_STEPS, on_step=None):
 # Parts I and II are the model; this part makes it a tool: a run's config and files, exact
 # resume, precision and the fast paths, several processes, sampling to files, evaluation,
 # pictures, bench and the command line. None of it changes what is computed.
+#
+# The map: III.1 the run's config and its checks; III.2 files written whole, never over what is
+#   not theirs; III.3 checkpoints; III.4 precision and fast paths; III.5 torchrun; III.6 a
+#   training run's draws, loss and books; III.7 CUDA graphs; III.8 sampling many; III.9
+#   evaluation; III.10 pictures; III.11 bench; III.12 the command line and main().
+# One `train` call: main() parses (III.12) and turns every refusal into one line; cmd_train
+#   reads the config (train_config: a preset and the flags, or the checkpoint on --resume), the
+#   data (read_data, check_data) and builds the run (build_run: Part I's build plus autocast,
+#   fused AdamW, DDP, compile); restore() puts a resumed run back; open_books() locks the run
+#   folder and catches Ctrl-C and SIGTERM; Part I's train() runs the steps, calling keep_books()
+#   after each (losses, checkpoint, loss.csv, grid, the clock); close_books() says how it ended.
 # =============================================================================
+# the tool's imports, not the DDPM's
 import argparse, contextlib, functools, io, json, os, pickle, shlex, signal, sys, tempfile, time
-import warnings   # the tool's, not the DDPM's
+import warnings
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
