@@ -752,9 +752,8 @@ def flow_sample(v_model, x_T, steps=DDIM_STEPS, on_step=None):
 # the tool's imports, not the DDPM's
 import argparse, contextlib, functools, io, json, os, pickle, shlex, signal, sys, tempfile, time
 import warnings
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, field, fields, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -1342,34 +1341,63 @@ def restore(ckpt, p, path):
 NOISE_BINS = 4
 LOSS_CHECK_EVERY = 50            # steps between NaN checks and progress-bar updates
 
+@dataclass
+class Books:
+    """A run's bookkeeping, which keep_books updates after each step (Part I's on_step). Under
+    torchrun every process keeps its own; process 0 alone writes and prints."""
+    cfg: RunConfig
+    p: Parts
+    run_dir: Path                # ckpt.pt, config.json, loss.csv and the grids go here
+    data_dir: str                # named in the line that says how to resume
+    max_minutes: float           # stop after this long, with a checkpoint (None: no limit)
+    ckpt_every: int              # also checkpoint every this many steps (0: at epochs only)
+    steps_per_epoch: int
+    total: int                   # the step this invocation stops at
+    world: int                   # processes under torchrun
+    start: int                   # the step this invocation began at
+    epoch_loss: torch.Tensor     # () this epoch's step losses, summed
+    bin_loss: torch.Tensor       # (NOISE_BINS,) per-image errors summed by quarter of t
+    bin_count: torch.Tensor      # (NOISE_BINS,) images in each quarter
+    history: list                # a row per finished epoch; kept in every checkpoint
+    seconds: float               # training seconds in all; kept in every checkpoint
+    seconds0: float              # of them, those before this invocation
+    last_good: int = None        # the step of the last checkpoint (None: none yet)
+    lock: int = None             # the run folder's lock, held by process 0
+    bar: tqdm = None
+    lead: bool = True            # process 0
+    done: int = 0                # the step this invocation stopped at
+    interrupted: bool = False    # Ctrl-C or SIGTERM came: stop after this step
+    signal: int = None           # which of the two
+    recent: list = field(default_factory=list)   # losses since the last check (GPU tensors)
+    t_open: float = field(default_factory=time.time)
+
 def open_books(args, cfg, p, ckpt, start, steps_per_epoch, total, rank, world):
     """A run's books, which keep_books updates after each step: its files, loss sums, clock and bar.
-    Makes the run folder and catches Ctrl-C, which then finishes the step, saves and leaves (a second
-    Ctrl-C kills). Under torchrun every process keeps its own; process 0 alone writes and prints.
-    `ckpt`: a restored run's checkpoint, or None; `total`: where this invocation stops."""
+    Locks and makes the run folder and catches Ctrl-C and SIGTERM, which then finish the step, save
+    and leave (a second one kills). `ckpt`: a restored run's checkpoint, or None; `total`: where
+    this invocation stops."""
     ck = ckpt or {}
     lock = None
     if rank == 0:                    # first: a second train on the folder is refused before all else
         Path(args.run_dir).mkdir(parents=True, exist_ok=True)
         lock = lock_folder(args.run_dir)
-    # the epoch's loss sum, then loss sums and counts per quarter of t; the saved totals go to process 0
-    sums = torch.tensor([ck.get("epoch_loss_sum", 0.0), *ck.get("bin_loss_sums", [0.0] * NOISE_BINS),
-                         *ck.get("bin_counts", [0.0] * NOISE_BINS)], device=p.gen.device) * (rank == 0)
-    bk = SimpleNamespace(
-        args=args,                               # run_dir, max_minutes, ckpt_every
-        cfg=cfg, p=p, steps_per_epoch=steps_per_epoch, total=total, world=world, lead=rank == 0, sums=sums,
-        start=start, done=0,                     # the steps this invocation began and stopped at
-        interrupted=False, signal=None, t_open=time.time(), seconds0=ck.get("seconds", 0.0),
-        history=ck.get("history", []), seconds=ck.get("seconds", 0.0),   # both kept in every checkpoint
-        last_good=start if ckpt else None,       # the step of the last checkpoint
-        recent=[],                               # losses since the last check: a check waits for the GPU
-        lock=lock,                               # the run folder's lock, held by process 0
-        bar=progress_bar(total=total, initial=start, unit="step", disable=rank != 0))
+
+    def saved(values):           # a checkpoint's sums go to process 0, whose totals they are
+        return torch.tensor(values, device=p.gen.device) * (rank == 0)
+    bk = Books(cfg, p, Path(args.run_dir), args.data_dir, args.max_minutes, args.ckpt_every,
+               steps_per_epoch, total, world, start,
+               epoch_loss=saved(ck.get("epoch_loss_sum", 0.0)),
+               bin_loss=saved(ck.get("bin_loss_sums", [0.0] * NOISE_BINS)),
+               bin_count=saved(ck.get("bin_counts", [0.0] * NOISE_BINS)),
+               history=ck.get("history", []), seconds=ck.get("seconds", 0.0),
+               seconds0=ck.get("seconds", 0.0),
+               last_good=start if ckpt else None, lock=lock, lead=rank == 0,
+               bar=progress_bar(total=total, initial=start, unit="step", disable=rank != 0))
     if bk.lead:
         if args.overwrite:           # the old run's own files go, and nothing else
-            for f in sorted({f for pattern in RUN_FILES for f in Path(args.run_dir).glob(pattern)}):
+            for f in sorted({f for pattern in RUN_FILES for f in bk.run_dir.glob(pattern)}):
                 f.unlink()
-        save_text(json.dumps(asdict(cfg), indent=2) + "\n", Path(args.run_dir) / "config.json")
+        save_text(json.dumps(asdict(cfg), indent=2) + "\n", bk.run_dir / "config.json")
     set_lr(p.opt, lr_at(start, cfg, cfg.epochs * steps_per_epoch))
 
     def on_signal(signum, _):   # Ctrl-C, or SIGTERM (kill, timeout, Slurm, docker stop)
@@ -1387,42 +1415,46 @@ def keep_books(bk, step, loss, t, err):
     alone in a collective."""
     n, cfg, spe = step + 1, bk.cfg, bk.steps_per_epoch          # n: steps done
     bk.done = n
-    bk.sums[0] += loss / bk.world                               # each process's loss is of its share
-    bins = 1 + noise_bin(t, cfg)                                # (B,) in 1..4; index_add_, unlike
-    bk.sums.index_add_(0, bins, err)                            # bincount, never waits for the GPU
-    bk.sums.index_add_(0, bins + NOISE_BINS, torch.ones_like(err))
+    bk.epoch_loss += loss / bk.world                            # each process's loss is of its share
+    bins = noise_bin(t, cfg)                                    # (B,) in 0..3; index_add_, unlike
+    bk.bin_loss.index_add_(0, bins, err)                        # bincount, never waits for the GPU
+    bk.bin_count.index_add_(0, bins, torch.ones_like(err))
     bk.recent.append(loss)
-    late = bk.args.max_minutes is not None and time.time() - bk.t_open > 60 * bk.args.max_minutes
+    late = bk.max_minutes is not None and time.time() - bk.t_open > 60 * bk.max_minutes
     if bk.world > 1 and n % LOSS_CHECK_EVERY == 0:
-        votes = all_sum(torch.tensor([float(bk.interrupted), float(late)], device=bk.sums.device), bk.world)
+        votes = torch.tensor([float(bk.interrupted), float(late)], device=bk.epoch_loss.device)
+        votes = all_sum(votes, bk.world)
         bk.interrupted, late = bool(votes[0]), bool(votes[1])
     stop = n >= bk.total or ((bk.interrupted or late) and (bk.world == 1 or n % LOSS_CHECK_EVERY == 0))
-    save = n % spe == 0 or stop or (bk.args.ckpt_every and n % bk.args.ckpt_every == 0)
+    save = n % spe == 0 or stop or (bk.ckpt_every and n % bk.ckpt_every == 0)
     if len(bk.recent) == LOSS_CHECK_EVERY or save:
         check_losses(bk, n)
     bk.seconds = bk.seconds0 + time.time() - bk.t_open
     if save:
-        bk.sums.copy_(all_sum(bk.sums, bk.world) * bk.lead)     # the totals, on process 0 alone
+        sums = (bk.epoch_loss, bk.bin_loss, bk.bin_count)
+        for total in sums:                                      # the totals, on process 0 alone
+            total.copy_(all_sum(total, bk.world) * bk.lead)
         if n % spe == 0:
-            by_t = (bk.sums[1:1 + NOISE_BINS] / bk.sums[1 + NOISE_BINS:].clamp(min=1)).tolist()
-            bk.history.append(dict(epoch=n // spe, step=n, seconds=bk.seconds, mean_loss=bk.sums[0].item() / spe,
-                                   loss_by_t=by_t))
-            bk.sums.zero_()
+            by_t = (bk.bin_loss / bk.bin_count.clamp(min=1)).tolist()
+            bk.history.append(dict(epoch=n // spe, step=n, seconds=bk.seconds,
+                                   mean_loss=bk.epoch_loss.item() / spe, loss_by_t=by_t))
+            for total in sums:
+                total.zero_()
         if bk.lead:           # the checkpoint first: a grid that fails loses no training
             save_checkpoint(bk, n)
         bk.last_good = n
         if bk.lead and n % spe == 0:
-            write_loss_csv(bk.history, Path(bk.args.run_dir) / "loss.csv", cfg)
+            write_loss_csv(bk.history, bk.run_dir / "loss.csv", cfg)
             if cfg.grid_n:          # after the checkpoint: resume with a smaller --grid-n
                 with blame("--grid-n", bk.p.gen.device):
-                    epoch_grid(bk.p, cfg, Path(bk.args.run_dir) / f"grid_epoch{n // spe:03d}.png")
+                    epoch_grid(bk.p, cfg, bk.run_dir / f"grid_epoch{n // spe:03d}.png")
     set_lr(bk.p.opt, lr_at(n, cfg, cfg.epochs * spe))           # the horizon is --epochs, not --max-steps
     return stop
 
 def last_checkpoint(bk):
     if bk.last_good is None:
         return "no checkpoint was written"
-    return f"the last good checkpoint is {Path(bk.args.run_dir) / 'ckpt.pt'} (step {bk.last_good})"
+    return f"the last good checkpoint is {bk.run_dir / 'ckpt.pt'} (step {bk.last_good})"
 
 def check_losses(bk, n):
     """Stop at the first NaN or infinite loss since the last check, naming its step."""
@@ -1442,18 +1474,18 @@ def check_losses(bk, n):
 
 def save_checkpoint(bk, step):
     p, scaler, dev = bk.p, getattr(bk.p.opt, "scaler", None), bk.p.gen.device
-    atomic_write(Path(bk.args.run_dir) / "ckpt.pt", lambda f: torch.save(dict(
+    atomic_write(bk.run_dir / "ckpt.pt", lambda f: torch.save(dict(
         config=asdict(bk.cfg), model=p.model.state_dict(), ema=p.ema.state_dict(), opt=portable_optimizer_state(p.opt),
         scaler=scaler.state_dict() if scaler else {}, step=step, rng=p.gen.get_state(),
-        steps_per_epoch=bk.steps_per_epoch, epoch_loss_sum=bk.sums[0].item(),
-        bin_loss_sums=bk.sums[1:1 + NOISE_BINS].tolist(), bin_counts=bk.sums[1 + NOISE_BINS:].tolist(),
+        steps_per_epoch=bk.steps_per_epoch, epoch_loss_sum=bk.epoch_loss.item(),
+        bin_loss_sums=bk.bin_loss.tolist(), bin_counts=bk.bin_count.tolist(),
         history=bk.history, seconds=bk.seconds, versions=dict(torch=str(torch.__version__)),
         device=f"cuda ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else dev.type), f))
 
-def resume_command(args):
+def resume_command(bk):
     """The command that continues this run, quoted for a shell."""
-    return (f"python ddpm_mnist.py train --run-dir {shlex.quote(str(args.run_dir))} "
-            f"--data-dir {shlex.quote(str(args.data_dir))} --resume")
+    return (f"python ddpm_mnist.py train --run-dir {shlex.quote(str(bk.run_dir))} "
+            f"--data-dir {shlex.quote(str(bk.data_dir))} --resume")
 
 def end_run(bk):
     """What every end of a run undoes: the bar, the signal handlers, the run folder's lock."""
@@ -1466,10 +1498,10 @@ def end_run(bk):
 
 def close_books(bk):
     end_run(bk)
-    ckpt = Path(bk.args.run_dir) / "ckpt.pt"
+    ckpt = bk.run_dir / "ckpt.pt"
     if bk.interrupted and bk.lead:
         note(f"interrupted: saved {ckpt} at step {bk.done}; continue with\n"
-             f"  {resume_command(bk.args)}")
+             f"  {resume_command(bk)}")
     elif bk.lead:
         print(f"saved {ckpt} at step {bk.done} ({bk.seconds:.0f} s of training)"
               + ("; continue with --resume" if bk.done < bk.cfg.epochs * bk.steps_per_epoch else ""))
