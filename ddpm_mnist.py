@@ -1409,47 +1409,62 @@ def open_books(args, cfg, p, ckpt, start, steps_per_epoch, total, rank, world):
     return bk
 
 def keep_books(bk, step, loss, t, err):
-    """After step `step` (0-based): add up the losses, check them, write the checkpoint and the
-    epoch's files, set the next step's lr. True when the run should stop: at --max-steps, the time
-    limit or Ctrl-C, which several processes agree on every LOSS_CHECK_EVERY steps, so none waits
-    alone in a collective."""
+    """After step `step` (0-based): add it up, decide whether to stop, check the losses, save when
+    it is time, and set the next step's lr. True when the run should stop."""
     n, cfg, spe = step + 1, bk.cfg, bk.steps_per_epoch          # n: steps done
-    bk.done = n
-    bk.epoch_loss += loss / bk.world                            # each process's loss is of its share
-    bins = noise_bin(t, cfg)                                    # (B,) in 0..3; index_add_, unlike
-    bk.bin_loss.index_add_(0, bins, err)                        # bincount, never waits for the GPU
-    bk.bin_count.index_add_(0, bins, torch.ones_like(err))
-    bk.recent.append(loss)
-    late = bk.max_minutes is not None and time.time() - bk.t_open > 60 * bk.max_minutes
-    if bk.world > 1 and n % LOSS_CHECK_EVERY == 0:
-        votes = torch.tensor([float(bk.interrupted), float(late)], device=bk.epoch_loss.device)
-        votes = all_sum(votes, bk.world)
-        bk.interrupted, late = bool(votes[0]), bool(votes[1])
-    stop = n >= bk.total or ((bk.interrupted or late) and (bk.world == 1 or n % LOSS_CHECK_EVERY == 0))
+    add_step(bk, n, loss, t, err)
+    stop = should_stop(bk, n)
     save = n % spe == 0 or stop or (bk.ckpt_every and n % bk.ckpt_every == 0)
     if len(bk.recent) == LOSS_CHECK_EVERY or save:
         check_losses(bk, n)
     bk.seconds = bk.seconds0 + time.time() - bk.t_open
     if save:
-        sums = (bk.epoch_loss, bk.bin_loss, bk.bin_count)
-        for total in sums:                                      # the totals, on process 0 alone
-            total.copy_(all_sum(total, bk.world) * bk.lead)
-        if n % spe == 0:
-            by_t = (bk.bin_loss / bk.bin_count.clamp(min=1)).tolist()
-            bk.history.append(dict(epoch=n // spe, step=n, seconds=bk.seconds,
-                                   mean_loss=bk.epoch_loss.item() / spe, loss_by_t=by_t))
-            for total in sums:
-                total.zero_()
-        if bk.lead:           # the checkpoint first: a grid that fails loses no training
-            save_checkpoint(bk, n)
-        bk.last_good = n
-        if bk.lead and n % spe == 0:
-            write_loss_csv(bk.history, bk.run_dir / "loss.csv", cfg)
-            if cfg.grid_n:          # after the checkpoint: resume with a smaller --grid-n
-                with blame("--grid-n", bk.p.gen.device):
-                    epoch_grid(bk.p, cfg, bk.run_dir / f"grid_epoch{n // spe:03d}.png")
+        save_books(bk, n)
     set_lr(bk.p.opt, lr_at(n, cfg, cfg.epochs * spe))           # the horizon is --epochs, not --max-steps
     return stop
+
+def add_step(bk, n, loss, t, err):
+    """The step's loss into the epoch's sum, each image's error into its quarter of t."""
+    bk.done = n
+    bk.epoch_loss += loss / bk.world                            # each process's loss is of its share
+    bins = noise_bin(t, bk.cfg)                                 # (B,) in 0..3; index_add_, unlike
+    bk.bin_loss.index_add_(0, bins, err)                        # bincount, never waits for the GPU
+    bk.bin_count.index_add_(0, bins, torch.ones_like(err))
+    bk.recent.append(loss)
+
+def should_stop(bk, n):
+    """At the last step; or at --max-minutes, Ctrl-C or SIGTERM, which several processes agree on
+    every LOSS_CHECK_EVERY steps, so that none waits alone in a collective."""
+    late = bk.max_minutes is not None and time.time() - bk.t_open > 60 * bk.max_minutes
+    if bk.world > 1 and n % LOSS_CHECK_EVERY == 0:
+        votes = torch.tensor([float(bk.interrupted), float(late)], device=bk.epoch_loss.device)
+        votes = all_sum(votes, bk.world)
+        bk.interrupted, late = bool(votes[0]), bool(votes[1])
+    if n >= bk.total:
+        return True
+    return (bk.interrupted or late) and (bk.world == 1 or n % LOSS_CHECK_EVERY == 0)
+
+def save_books(bk, n):
+    """The sums to process 0, an epoch's row when one ended, the checkpoint, then the epoch's
+    loss.csv and grid: the checkpoint first, so a grid that fails loses no training."""
+    cfg, spe = bk.cfg, bk.steps_per_epoch
+    sums = (bk.epoch_loss, bk.bin_loss, bk.bin_count)
+    for total in sums:                                          # the totals, on process 0 alone
+        total.copy_(all_sum(total, bk.world) * bk.lead)
+    if n % spe == 0:
+        by_t = (bk.bin_loss / bk.bin_count.clamp(min=1)).tolist()
+        bk.history.append(dict(epoch=n // spe, step=n, seconds=bk.seconds,
+                               mean_loss=bk.epoch_loss.item() / spe, loss_by_t=by_t))
+        for total in sums:
+            total.zero_()
+    if bk.lead:
+        save_checkpoint(bk, n)
+    bk.last_good = n
+    if bk.lead and n % spe == 0:
+        write_loss_csv(bk.history, bk.run_dir / "loss.csv", cfg)
+        if cfg.grid_n:              # after the checkpoint: resume with a smaller --grid-n
+            with blame("--grid-n", bk.p.gen.device):
+                epoch_grid(bk.p, cfg, bk.run_dir / f"grid_epoch{n // spe:03d}.png")
 
 def last_checkpoint(bk):
     if bk.last_good is None:
