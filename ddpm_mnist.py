@@ -2508,46 +2508,72 @@ def cmd_compare(args):
     out = args.out or ("samples/guidance.png" if args.guidance else "samples/compare.png")
     eps_model, schedule, cfg = load_for_sampling(args, out, ".png", classifier=args.classifier)
     if args.guidance and not cfg.num_classes:
-        raise UserError("--guidance: this checkpoint is unconditional (trained without --cond), so it has no "
-                        "guidance to compare")
+        raise UserError("--guidance: this checkpoint is unconditional (trained without --cond), "
+                        "so it has no guidance to compare")
     if args.n < 2 * (cfg.num_classes if args.guidance else 1):
-        raise UserError(f"--n {args.n}: FID needs 2 samples, and comparing guidance 2 of each of the "
-                        f"{cfg.num_classes} classes")
-    clf, cache = classifier_cache(args.classifier, args.data_dir, schedule.betas.device)
-    labels = digit_rows(args.n, 1, cfg.num_classes) if cfg.num_classes else None   # digits 0-9 in turn
-    if args.guidance:                                 # one sampler, each scale
-        default = Sampler("euler") if cfg.objective == "flow" else Sampler()
-        runs = [(f"{s:g}", default, s) for s in args.guidance]
-    else:                                             # each sampler, one scale (for a conditional model)
-        samplers = COMPARE_FLOW if cfg.objective == "flow" else COMPARE
-        runs = [(name, sampler, DEFAULT_GUIDANCE) for name, sampler in samplers]
-    rows, firsts = [], []
-    for name, sampler, scale in runs:
-        t0 = time.time()
-        with blame("--batch-size", schedule.betas.device):
-            images = generate(eps_model, schedule, sampler, (args.n, *IMAGE_SHAPES[cfg.dataset]), args.seed,
-                              args.batch_size, None if labels is None else Guidance(labels, scale, cfg.num_classes))
-        feats, probs = classify(clf, images, schedule.betas.device)
-        rows.append(dict(name=name, fid=fid(feats, cache), ms=1e3 * (time.time() - t0) / args.n, **class_stats(probs),
-                         **(class_accuracy(probs, labels) if labels is not None else {}),
-                         spread=same_digit_distance(images, labels) if args.guidance else None))
-        firsts.append(images[:cfg.num_classes if args.guidance else 10])
-    print(f"N={args.n} per row, seed {args.seed}, the same x_T" + (" and labels (digits 0-9 in turn)" if labels is
-          not None else "") + "; FID in classifier features vs MNIST test" + (
-          f"; {runs[0][1].name} {runs[0][1].steps} steps; spread: mean distance between two samples of a digit" if args.guidance else ""))
+        raise UserError(f"--n {args.n}: FID needs 2 samples, and comparing guidance 2 of each "
+                        f"of the {cfg.num_classes} classes")
     if args.guidance:
-        print(f"{'guidance':>8} {'FID':>8} {'class acc':>9} {'confident':>9} {'spread':>7}\n" + "\n".join(
-            f"{r['name']:>8} {r['fid']:8.3f} {100 * r['class_accuracy']:8.1f}% {100 * r['confident_share']:8.1f}% "
-            f"{r['spread']:7.3f}" for r in rows))
-        picture = labeled_grid(torch.stack(firsts, dim=1), row_labels=range(cfg.num_classes),   # (digits, scales, ...)
-                               col_labels=[f"s={r['name']}" for r in rows])
+        picture = compare_guidance(args, eps_model, schedule, cfg)
     else:
-        print(f"{'sampler':16} {'FID':>8} {'confident':>9} {'rarest':>7} {'ms/sample':>10}\n" + "\n".join(
-            f"{r['name']:16} {r['fid']:8.3f} {100 * r['confident_share']:8.1f}% {100 * r['rarest_share']:6.1f}% "
-            f"{r['ms']:10.2f}" for r in rows))
-        picture = labeled_grid(torch.stack(firsts), row_labels=[r["name"] for r in rows])
+        picture = compare_samplers(args, eps_model, schedule, cfg)
     save_png(picture, out)
     print(f"wrote {out}")
+
+def score_runs(args, eps_model, schedule, cfg, runs):
+    """Each (name, sampler, guidance scale) of `runs` from the same x_T, and on a conditional
+    model the same labels, digits 0-9 in turn: a row of scores and the images of each."""
+    device = schedule.betas.device
+    clf, cache = classifier_cache(args.classifier, args.data_dir, device)
+    labels = digit_rows(args.n, 1, cfg.num_classes) if cfg.num_classes else None
+    shape = (args.n, *IMAGE_SHAPES[cfg.dataset])
+    rows, images = [], []
+    for name, sampler, scale in runs:
+        t0 = time.time()
+        guide = None if labels is None else Guidance(labels, scale, cfg.num_classes)
+        with blame("--batch-size", device):
+            x = generate(eps_model, schedule, sampler, shape, args.seed, args.batch_size, guide)
+        feats, probs = classify(clf, x, device)
+        row = dict(name=name, fid=fid(feats, cache), ms=1e3 * (time.time() - t0) / args.n)
+        row.update(class_stats(probs))
+        if labels is not None:
+            row.update(class_accuracy(probs, labels))
+        rows.append(row)
+        images.append(x)
+    return rows, images, labels
+
+def compare_header(args, labels):
+    same = "the same x_T" if labels is None else "the same x_T and labels (digits 0-9 in turn)"
+    return f"N={args.n} per row, seed {args.seed}, {same}; FID in classifier features vs MNIST test"
+
+def compare_samplers(args, eps_model, schedule, cfg):
+    """Each sampler of COMPARE (a flow model's: COMPARE_FLOW): a row of the table and of the
+    picture each."""
+    samplers = COMPARE_FLOW if cfg.objective == "flow" else COMPARE
+    runs = [(name, sampler, DEFAULT_GUIDANCE) for name, sampler in samplers]
+    rows, images, labels = score_runs(args, eps_model, schedule, cfg, runs)
+    print(compare_header(args, labels))
+    print(f"{'sampler':16} {'FID':>8} {'confident':>9} {'rarest':>7} {'ms/sample':>10}")
+    for r in rows:
+        print(f"{r['name']:16} {r['fid']:8.3f} {100 * r['confident_share']:8.1f}% "
+              f"{100 * r['rarest_share']:6.1f}% {r['ms']:10.2f}")
+    return labeled_grid(torch.stack([x[:10] for x in images]), row_labels=[r["name"] for r in rows])
+
+def compare_guidance(args, eps_model, schedule, cfg):
+    """The default sampler (DDIM-50, or a flow's Euler-50) at each scale of --guidance: a row of
+    the table and a column of the picture each, a picture row per digit."""
+    sampler = Sampler("euler") if cfg.objective == "flow" else Sampler()
+    runs = [(f"{s:g}", sampler, s) for s in args.guidance]
+    rows, images, labels = score_runs(args, eps_model, schedule, cfg, runs)
+    print(compare_header(args, labels) + f"; {sampler.name} {sampler.steps} steps; spread: mean "
+          "distance between two samples of a digit")
+    print(f"{'guidance':>8} {'FID':>8} {'class acc':>9} {'confident':>9} {'spread':>7}")
+    for r, x in zip(rows, images):
+        print(f"{r['name']:>8} {r['fid']:8.3f} {100 * r['class_accuracy']:8.1f}% "
+              f"{100 * r['confident_share']:8.1f}% {same_digit_distance(x, labels):7.3f}")
+    cells = torch.stack([x[:cfg.num_classes] for x in images], dim=1)   # (digits, scales, H, W)
+    return labeled_grid(cells, row_labels=range(cfg.num_classes),
+                        col_labels=[f"s={r['name']}" for r in rows])
 
 def cmd_bench(args):
     cfg = replace(PRESETS[args.preset], precision=args.precision, batch_size=args.batch_size,
