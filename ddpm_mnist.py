@@ -652,13 +652,14 @@ def dpm_solver_step(schedule, x_t, t, t_next, x0, t_last=None, x0_last=None):
     x_0 predicted at index t and, from the second step on, the x_0 predicted at t_last."""
     if t_next < 0:
         return x0                                   # the last step: the data prediction
-    h = half_log_snr(schedule, t_next) - half_log_snr(schedule, t)
+    lambda_t = half_log_snr(schedule, t)
+    h = half_log_snr(schedule, t_next) - lambda_t
     D = x0                                          # first order: DDIM's step
     if x0_last is not None:
-        r = (half_log_snr(schedule, t) - half_log_snr(schedule, t_last)) / h
+        r = (lambda_t - half_log_snr(schedule, t_last)) / h
         D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_last
-    sigma_ratio = alpha_sigma(schedule, t_next)[1] / alpha_sigma(schedule, t)[1]
-    return sigma_ratio * x_t - alpha_sigma(schedule, t_next)[0] * math.expm1(-h) * D
+    alpha_next, sigma_next = alpha_sigma(schedule, t_next)
+    return sigma_next / alpha_sigma(schedule, t)[1] * x_t - alpha_next * math.expm1(-h) * D
 
 @torch.no_grad()
 def dpm_solver_sample(eps_model, schedule, x_T, steps=DPM_SOLVER_STEPS, clip_x0=True,
@@ -1786,10 +1787,10 @@ class Classifier(nn.Module):
 CLASSIFIER_EPOCHS, CLASSIFIER_BATCH = 3, 128
 SHIFT = 2                        # the classifier's augmentation: random shifts of up to 2 px
 
-def train_classifier(data_dir, device, seed=0, epochs=CLASSIFIER_EPOCHS):
+def train_classifier(images, labels, device, seed=0, epochs=CLASSIFIER_EPOCHS):
     """Adam with a one-cycle schedule and random shifts: >99% test accuracy in 3 epochs. The
     shifts matter: generated digits are not centred as carefully as MNIST's."""
-    images, labels = (a.to(device) for a in read_data(RunConfig(), data_dir))
+    images, labels = images.to(device), labels.to(device)
     torch.manual_seed(seed)
     clf = Classifier().to(device)
     opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
@@ -1826,12 +1827,12 @@ def classifier_cache(path, data_dir, device):
     folder = next(a for a in [path.parent, *path.parent.parents] if a.exists())
     if not writable(folder):                 # said now, not after minutes of training
         raise UserError(f"--classifier {path}: {folder} is not writable, so it cannot be cached there")
-    n = len(read_data(RunConfig(), data_dir)[0])
-    if n < CLASSIFIER_BATCH:                 # fewer: not one step, and every score meaningless
-        raise UserError(f"--data-dir {data_dir}: {n} training images cannot train the evaluation "
-                        f"classifier; it needs at least {CLASSIFIER_BATCH}")
+    images, labels = read_data(RunConfig(), data_dir)
+    if len(images) < CLASSIFIER_BATCH:       # fewer: not one step, and every score meaningless
+        raise UserError(f"--data-dir {data_dir}: {len(images)} training images cannot train the "
+                        f"evaluation classifier; it needs at least {CLASSIFIER_BATCH}")
     print(f"training the evaluation classifier (once; cached in {path})")
-    clf = train_classifier(data_dir, device)
+    clf = train_classifier(images, labels, device)
     test_x, test_y = read_data(RunConfig(), data_dir, train=False)
     feats, probs = classify(clf, test_x, device)
     mu, sigma = gaussian_fit(feats)
