@@ -741,7 +741,7 @@ def flow_sample(v_model, x_T, steps=DDIM_STEPS, on_step=None):
 #
 # The map: III.1 the run's config and its checks; III.2 files written whole, never over what is
 #   not theirs; III.3 checkpoints; III.4 precision and fast paths; III.5 torchrun; III.6 a
-#   training run's draws, loss and books; III.7 CUDA graphs; III.8 sampling many; III.9
+#   training run's draws, loss and books; III.7 compile and CUDA graphs; III.8 sampling many; III.9
 #   evaluation; III.10 pictures; III.11 bench; III.12 the command line and main().
 # One `train` call: main() parses (III.12) and turns every refusal into one line; cmd_train
 #   reads the config (train_config: a preset and the flags, or the checkpoint on --resume), the
@@ -766,6 +766,11 @@ class UserError(argparse.ArgumentTypeError):
 
 def note(text):
     print(text, file=sys.stderr)
+
+def os_reason(e):
+    """An OSError as the path and the system's reason: 'runs/x: Permission denied'."""
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or type(e).__name__}"
 
 # -----------------------------------------------------------------------------
 # III.1 What a run records: the case study's Config, each extension's switch and the tool's
@@ -1043,19 +1048,12 @@ def trained_note(r):
         f" on {r.get('device') or 'an unrecorded device'}"
 
 def portable_optimizer_state(opt):
-    """The optimizer's state with a plain lr and capturable off: a run captured as a CUDA graph
-    resumes in any mode, on any device."""
-    sd = opt.state_dict()
-    for g in sd["param_groups"]:
-        g["lr"], g["capturable"] = float(g["lr"]), False
-    return sd
+    """The optimizer's state as a checkpoint keeps it."""
+    return opt.state_dict()
 
 def set_lr(opt, lr):
     for g in opt.param_groups:
-        if isinstance(g["lr"], torch.Tensor):
-            g["lr"].fill_(lr)                # a device tensor, which a captured step reads
-        else:
-            g["lr"] = lr
+        g["lr"] = lr
 
 # -----------------------------------------------------------------------------
 # III.4 Precision and the fast paths: autocast by device, fused AdamW, fp16's gradient scaler,
@@ -1089,23 +1087,24 @@ def cpu_has_bf16():
         return False
 
 class Autocast(nn.Module):
-    """model(*args) with its matmuls and convolutions in `dtype` (None: fp32) and a float32 result;
-    a module, so training reaches the model's parameters through it. A CUDA graph needs
-    cache=False: autocast's cache of cast weights must not outlive a capture."""
+    """model(*args) with its matmuls and convolutions in `dtype` (None: fp32) and a float32
+    result; a module, so training reaches the model's parameters through it."""
 
-    def __init__(self, model, device, dtype, cache=True):
+    def __init__(self, model, device, dtype):
         super().__init__()
-        self.model, self.device_type, self.dtype, self.cache = model, device.type, dtype, cache
+        self.model, self.device_type, self.dtype = model, device.type, dtype
 
     def forward(self, *args):
-        with torch.autocast(self.device_type, self.dtype, enabled=self.dtype is not None, cache_enabled=self.cache):
+        on = self.dtype is not None
+        with torch.autocast(self.device_type, self.dtype, enabled=on):
             return self.model(*args).float()
 
-def make_optimizer(model, cfg, device, capturable=False):
-    """AdamW, fused on CUDA and the CPU (one kernel for every tensor: on the 2-core CPU the preset's
-    optimizer step fell from 9.3 to 3.0 ms). A captured step reads its lr from a device tensor."""
-    return torch.optim.AdamW(model.parameters(), lr=torch.tensor(cfg.lr, device=device) if capturable else cfg.lr,
-                             weight_decay=cfg.weight_decay, fused=device.type in ("cuda", "cpu"), capturable=capturable)
+def make_optimizer(model, cfg, device):
+    """AdamW, fused on CUDA and the CPU: one kernel for every tensor (on the 2-core CPU the
+    preset's optimizer step fell from 9.3 to 3.0 ms)."""
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr,
+                             weight_decay=cfg.weight_decay, fused=fused)
 
 class ScaledOptimizer:
     """fp16's optimizer: step() is torch's GradScaler step (unscale, skip a step whose gradients
@@ -1279,17 +1278,20 @@ def training_loss(cfg):
 
 def build_run(cfg, device, world=1, compile=False, graph=False):
     """Part I's build() with this run's network, schedule, loss and fast paths (fused AdamW,
-    autocast, DDP, compile, fp16's scaler). Returns the Parts and the loss function."""
-    torch.manual_seed(cfg.seed)                          # the initial weights, the same in every process
+    autocast, DDP, compile and CUDA graphs, fp16's scaler). Returns the Parts and the loss
+    function."""
+    torch.manual_seed(cfg.seed)          # the initial weights, the same in every process
     p = build(cfg, make_unet(cfg), make_schedule(cfg), device)
-    p.opt = make_optimizer(p.model, cfg, device, capturable=graph)
+    p.opt = make_optimizer(p.model, cfg, device)
     dtype = choose_precision(device, cfg.precision)[0]
-    if world > 1:                                        # averages the gradients over the processes
+    if world > 1:                        # averages the gradients over the processes
         from torch.nn.parallel import DistributedDataParallel as DDP
-        p.eps_model = DDP(p.model, device_ids=[device.index] if device.type == "cuda" else None)
-    p.eps_model, loss_fn = Autocast(p.eps_model, device, dtype, cache=not graph), training_loss(cfg)
-    if compile:                                          # DDP cuts its graph at the gradient buckets
-        loss_fn = torch.compile(loss_fn, fullgraph=world == 1, backend=COMPILE_BACKEND)
+        ids = [device.index] if device.type == "cuda" else None
+        p.eps_model = DDP(p.model, device_ids=ids)
+    p.eps_model = Autocast(p.eps_model, device, dtype)
+    loss_fn = training_loss(cfg)
+    if compile or graph:                 # DDP cuts its graph at the gradient buckets
+        loss_fn = compiled(loss_fn, graph, fullgraph=world == 1)
     if dtype == torch.float16:
         scaler = torch.amp.GradScaler(device.type)
         p.opt, loss_fn = ScaledOptimizer(p.opt, scaler), scale_loss(loss_fn, scaler)
@@ -1318,9 +1320,8 @@ def check_books(ckpt, params):
 
 def restore(ckpt, p, path):
     """Put a run back where its checkpoint left it: weights, AdamW's moments, the scaler and the
-    generator of t and eps; a state that does not fit is one line. The optimizer keeps this run's
-    own options (capturable, a device lr), so a checkpoint resumes in any mode."""
-    mine = [dict(g) for g in p.opt.param_groups]
+    generator of t and eps; a state that does not fit is one line. The lr is open_books' to
+    set."""
     try:
         if not isinstance(ckpt["step"], int) or ckpt["step"] < 0:
             raise ValueError(f"step {ckpt['step']!r}")
@@ -1333,8 +1334,6 @@ def restore(ckpt, p, path):
     except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
         raise UserError(f"--resume: {path}: its training state does not fit this run ({type(e).__name__}: "
                         f"{(str(e).strip().splitlines() or [''])[0][:120]})") from None
-    for g, m in zip(p.opt.param_groups, mine):
-        g["capturable"], g["lr"] = m["capturable"], m["lr"]
     return ckpt["step"]
 
 # The loss by noise level, as improved-diffusion logs it: the mean loss of the steps whose t fell
@@ -1565,94 +1564,59 @@ def epoch_grid(p, cfg, path):
     save_png(grid_image(to_uint8(x0), GRID_COLUMNS), path)
 
 # -----------------------------------------------------------------------------
-# III.7 CUDA graphs. A step of this small network is hundreds of small kernels, and on a GPU
-# their launches, not their arithmetic, set the pace. Captured once, a whole training step
-# (draws, forward, backward, AdamW, EMA) or a sampler's network replays with one launch. The
-# inputs live in fixed buffers: the batch's indices, t and eps drawn inside the graph from the
-# run's generator, the lr a device tensor (make_optimizer).
+# III.7 Compiled, and CUDA graphs. A step of this small network is hundreds of small kernels,
+# and on a GPU their launches, not their arithmetic, set the pace. torch.compile fuses them;
+# its "reduce-overhead" mode also records the compiled forward and backward as CUDA graphs
+# (cudagraph trees), each replayed with one launch. The fused AdamW and the foreach EMA stay
+# outside, a few launches each, so a step is a few dozen launches instead of several hundred.
 
-GRAPH_WARMUP = 3                 # calls run as they are before a capture: cuDNN's search, compile, state
+GRAPH_WARMUP = 5                 # calls before a graph replays: compile, warm-up, record
 
-def graph_unsupported(device, world=1, fp16=False):
-    """Why a step cannot be captured here, or None."""
+def graph_unsupported(device, world=1):
+    """Why CUDA graphs cannot run here, or None."""
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device, not {device.type}"
     if world > 1:
         return "several processes synchronize their gradients outside any graph"
-    return "fp16's gradient scaler checks for overflow on the CPU" if fp16 else None
+    return None
 
-class GraphedCall:
-    """fn(*args) run as it is for its first GRAPH_WARMUP calls (on a side stream, as capture
-    wants), then captured as a CUDA graph with fixed input buffers and replayed: the arguments
-    are copied in, and the outputs are the graph's own, valid until the next call. One graph per
-    shape of the arguments. A capture that fails is said once, and fn runs as it is from then on.
-    `generator`: the one fn draws from, which the graph must know (before torch 2.12)."""
+def compiled(fn, graph=False, fullgraph=False):
+    """fn through torch.compile, replayed from CUDA graphs if `graph`. A compiler that cannot
+    run (a cache folder it cannot write, no C compiler) is said in one line, and fn runs as it
+    is from then on; an error in fn itself is raised as it is."""
+    mode = dict(mode="reduce-overhead") if graph else {}
+    try:                             # the first torch.compile imports and makes its cache
+        fast = torch.compile(fn, fullgraph=fullgraph, backend=COMPILE_BACKEND, **mode)
+        from torch._dynamo.exc import BackendCompilerFailed
+    except OSError as e:
+        return compile_failed(fn, os_reason(e))
 
-    def __init__(self, fn, generator=None):
-        self.fn, self.generator, self.graphs = fn, generator, {}
+    def call(*args):
+        nonlocal fast
+        if graph:                    # a new step: the last step's graph outputs are done with
+            torch.compiler.cudagraph_mark_step_begin()
+        try:
+            out = fast(*args)
+        except BackendCompilerFailed as e:
+            fast = compile_failed(fn, first_line(e.inner_exception))
+            out = fn(*args)
+        return clone_outputs(out) if graph else out
+    return call
 
-    def __call__(self, *args):
-        g = self.graphs.setdefault(tuple(a.shape for a in args), dict(calls=0, graph=None))
-        g["calls"] += 1
-        if g["calls"] <= GRAPH_WARMUP:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = self.fn(*args)
-            torch.cuda.current_stream().wait_stream(side)
-            return out
-        if g["calls"] == GRAPH_WARMUP + 1:
-            g["static"], state = [a.clone() for a in args], self.generator and self.generator.get_state()
-            try:
-                g["graph"] = torch.cuda.CUDAGraph()
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")                 # deprecated, and a no-op, from 2.12
-                    if self.generator is not None and hasattr(g["graph"], "register_generator_state"):
-                        g["graph"].register_generator_state(self.generator)
-                with torch.cuda.graph(g["graph"]):
-                    g["out"] = self.fn(*g["static"])
-            except Exception as e:
-                g["graph"] = None
-                if self.generator is not None:
-                    self.generator.set_state(state)
-                note(f"note: --cuda-graph: capture failed ({type(e).__name__}: "
-                     f"{(str(e).strip().splitlines() or [''])[0][:160]}); it runs uncaptured")
-        if g["graph"] is None:
-            return self.fn(*args)
-        for s, a in zip(g["static"], args):
-            s.copy_(a)
-        g["graph"].replay()
-        return g["out"]
+def compile_failed(fn, why):
+    note(f"note: --compile: the compiler cannot run ({why}); it runs as it is")
+    return fn
 
-def static_step(p, cfg, draw, loss_fn):
-    """step(idx, n): one whole training step as a graph can replay it, Part I's arithmetic with
-    the EMA's warm-up decay computed on the device from the step count n, in float64 as Python
-    computes it. idx: the batch's (B,) indices into the data on the device."""
-    ema_params, params = list(p.ema.parameters()), list(p.model.parameters())
+def clone_outputs(out):
+    """A graph's outputs are its own buffers, which the next replay writes over: copies."""
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    return type(out)(v.clone() for v in out)
 
-    def step(idx, n):
-        b = draw(idx)
-        loss, err = loss_fn(p.eps_model, p.schedule, b)
-        p.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        p.opt.step()
-        w = (1 - torch.clamp((1 + n) / (10 + n), max=cfg.ema_decay)).float()   # 1 - ema_decay_at(n)
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, [w] * len(params))
-        return loss.detach(), b.t, err.detach()
-    return step
-
-def train_graphed(cfg, data, p, start, on_step, draw, loss_fn):
-    """Part I's loop, its step replayed from a CUDA graph (GraphedCall)."""
-    step_fn, spe = GraphedCall(static_step(p, cfg, draw, loss_fn), p.gen), len(data) // cfg.batch_size
-    n = torch.zeros((), dtype=torch.float64, device=data.device)
-    for step in range(start, cfg.epochs * spe):
-        epoch, k = divmod(step, spe)
-        if k == 0 or step == start:
-            order = epoch_batches(len(data), cfg.batch_size, cfg.seed, epoch).to(data.device)
-        loss, t, err = step_fn(order[k], n.fill_(step))
-        if on_step(step, loss.clone(), t, err):     # the graph writes over its outputs at each replay
-            break
+def first_line(e):
+    """An exception as 'Type: the first line of its message'."""
+    lines = str(e).strip().splitlines() or [""]
+    return f"{type(e).__name__}: {lines[0][:160]}"
 
 # -----------------------------------------------------------------------------
 # III.8 Sampling many: batches, one progress bar, the output formats, and the fast path.
@@ -1685,12 +1649,12 @@ class Sampler:
 
 def fast_eps_model(eps_model, device, compile=False, graph=False):
     """The sampling commands' --compile and --cuda-graph: the network compiled, and replayed
-    from a CUDA graph at each step. The samplers' few elementwise ops per step stay eager."""
-    eps_model = torch.compile(eps_model, backend=COMPILE_BACKEND) if compile else eps_model
+    from CUDA graphs at each step. The samplers' few elementwise ops per step stay eager."""
     why_not = graph_unsupported(device) if graph else None
     if why_not:
         note(f"note: --cuda-graph: {why_not}; the steps run uncaptured")
-    return GraphedCall(eps_model) if graph and not why_not else eps_model
+    graph = graph and not why_not
+    return compiled(eps_model, graph) if compile or graph else eps_model
 
 @dataclass
 class Guidance:
@@ -2017,8 +1981,9 @@ def bench(cfg, device, reps=5, modes=("eager",)):
         if "graph" in mode and graph_unsupported(device):
             print(f"{mode:17} not possible: {graph_unsupported(device)}")
             continue
-        p, loss_fn = build_run(cfg, device, compile="compiled" in mode, graph="graph" in mode)
-        draw, warm, marks = training_draw(cfg, data, None, p), GRAPH_WARMUP + 1 if "graph" in mode else 3, []
+        graph = "graph" in mode
+        p, loss_fn = build_run(cfg, device, compile="compiled" in mode, graph=graph)
+        draw, warm, marks = training_draw(cfg, data, None, p), GRAPH_WARMUP if graph else 3, []
 
         def on_step(step, *_):                         # the first steps allocate, search and compile
             if step + 1 in (warm, warm + reps):
@@ -2026,12 +1991,12 @@ def bench(cfg, device, reps=5, modes=("eager",)):
                 marks.append(time.perf_counter())
             return step + 1 >= warm + reps
         t0 = time.perf_counter()
-        (train_graphed if "graph" in mode else train)(cfg, data, p, 0, on_step, draw, loss_fn)
+        train(cfg, data, p, 0, on_step, draw, loss_fn)
         step_s = (marks[1] - marks[0]) / reps
-        eps_model = fast_eps_model(Autocast(p.ema, device, dtype, cache="graph" not in mode), device,
-                                   "compiled" in mode, "graph" in mode)
+        eps_model = fast_eps_model(Autocast(p.ema, device, dtype), device,
+                                   "compiled" in mode, graph)
         x_T = torch.randn(B, *shape, device=device)
-        Sampler("ddim", 2)(eps_model, p.schedule, x_T)                                 # warm-up: compile, capture
+        Sampler("ddim", GRAPH_WARMUP)(eps_model, p.schedule, x_T)    # compile, record
         if device.type == "cuda":
             secs = [timed(lambda: s(eps_model, p.schedule, x_T), device) for s in (Sampler(), Sampler("ddpm", cfg.T))]
         else:                        # 1000 steps take minutes on a CPU: 5 timed once and extrapolated
@@ -2307,14 +2272,15 @@ def cmd_train(args):
                         else f"--resume: {run_dir / 'ckpt.pt'} is at step {ckpt['step']} already; give more --epochs "
                              f"(or a larger --max-steps) than the {total} steps asked for")
     dtype, why = choose_precision(device, cfg.precision)
-    why_not = graph_unsupported(device, world, dtype == torch.float16) if args.cuda_graph else "not asked for"
-    step = "compiled" if args.compile else "eager"
-    if not why_not:
-        step += " and captured as a CUDA graph"
+    why_not = graph_unsupported(device, world) if args.cuda_graph else "not asked for"
+    graph = not why_not
+    step = "compiled" if args.compile or graph else "eager"
+    if graph:
+        step += " and replayed from CUDA graphs"
     elif args.cuda_graph:
         step += f" (--cuda-graph: {why_not})"
     with blame("--batch-size", device):
-        p, loss_fn = build_run(cfg, device, world, args.compile, graph=not why_not)
+        p, loss_fn = build_run(cfg, device, world, args.compile, graph)
         start = restore(ckpt, p, run_dir / "ckpt.pt") if ckpt else 0
         if rank == 0:
             describe_run(cfg, p, device, world, f"{PRECISION_NAMES[dtype]} ({why})", spe,
@@ -2323,8 +2289,8 @@ def cmd_train(args):
         data = images.to(device)
         draw = training_draw(cfg, data, labels.to(device), p, rank, world)
         try:
-            (train if why_not else train_graphed)(cfg, data, p, bk.start, lambda *a: keep_books(bk, *a),
-                                                  draw, loss_fn)
+            on_step = functools.partial(keep_books, bk)
+            train(cfg, data, p, bk.start, on_step, draw, loss_fn)
         except (OSError, UserError) as e:   # a full disk, a grid too large: the run stops, kept
             end_run(bk)
             if bk.lead:
@@ -2406,9 +2372,10 @@ def load_for_sampling(args, out, suffix, folder=False, classifier=None):
     if args.ckpt is None and path == SHIPPED_CKPT:
         note(f"note: no {DEFAULT_CKPT} yet, so using the committed weights samples/ema_fp16.pt (preset {cfg.preset}, "
              f"{cfg.dataset.upper()}, {trained_note(ckpt.get('trained'))}); `python ddpm_mnist.py train` makes your own")
-    graph, compile = getattr(args, "cuda_graph", False), getattr(args, "compile", False)
-    eps_model = Autocast(model.to(device), device, choose_precision(device, args.precision)[0], cache=not graph)
-    return fast_eps_model(eps_model, device, compile, graph), make_schedule(cfg).to(device), cfg
+    dtype = choose_precision(device, args.precision)[0]
+    eps_model = Autocast(model.to(device), device, dtype)
+    eps_model = fast_eps_model(eps_model, device, args.compile, args.cuda_graph)
+    return eps_model, make_schedule(cfg).to(device), cfg
 
 def guidance_from_args(args, cfg, n, ncol):
     """II.2: the labels and scale a conditional model samples with (--class, --guidance), laid out
@@ -2581,8 +2548,8 @@ def cmd_bench(args):
                   **({"channels": args.channels} if args.channels else {}))
     device = resolve_device(args.device)
     with blame("--batch-size", device):
-        bench(cfg, device, args.reps, ["eager"] + ["compiled"] * args.compile +
-              ["compiled + graph" if args.compile else "graph"] * args.cuda_graph)
+        modes = ["eager"] + ["compiled"] * args.compile
+        bench(cfg, device, args.reps, modes + ["compiled + graph"] * args.cuda_graph)
 
 def cmd_forward(args):
     check_out("--out", args.out, ".png")
@@ -2605,11 +2572,6 @@ def cmd_export(args):
     atomic_write(args.out, lambda f: torch.save(record, f))
     print(f"wrote {args.out}: {count_params(model):,} EMA weights in fp16, {Path(args.out).stat().st_size / 1e6:.1f} "
           f"MB; {trained_note(record['trained'])}")
-
-def os_reason(e):
-    """An OSError as the path and the system's reason: 'runs/x: Permission denied'."""
-    where = f"{e.filename}: " if e.filename else ""
-    return f"{where}{e.strerror or type(e).__name__}"
 
 def main(argv=None):
     """Parse, run the command, and turn every UserError and every error of the operating system
