@@ -2008,8 +2008,9 @@ def bench(cfg, device, reps=5, modes=("eager",)):
           f" TFLOP/s counts 3 x that" + ("" if device.type == "cuda" else "; sampling extrapolated from 5 steps"))
 
 # -----------------------------------------------------------------------------
-# III.12 The command line. Every check that can fail runs here, before slow work starts or any
-# file is written. Each flag is declared once, so its help reads the same everywhere.
+# III.12 The command line: a parser per command, the flags several commands share added by one
+# function per group, each flag declared once with its help. Every check that can fail runs
+# before slow work starts or any file is written.
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr (not a usage block), exit code 2."""
@@ -2019,12 +2020,13 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 def number(name):
-    """An argparse type: a number held to RANGES[name], refused in one line naming what is allowed."""
+    """An argparse type: a number held to RANGES[name], refused in one line naming what is
+    allowed."""
     def parse(s):
         try:
             v = int(s) if RANGES[name][0] == "int" else float(s)
         except ValueError:
-            v = s                                              # refused below, as not a number
+            v = s                                  # refused below, as not a number
         return check_number(name, v, f"'{s}'")
     return parse
 
@@ -2032,8 +2034,9 @@ def channels_arg(s):
     try:
         return check_channels(tuple(int(c) for c in s.split(",")))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{s}' is not a comma-separated list of integers") from None
-    except UserError as e:   # without check_channels' "--channels ...:" prefix, which argparse adds itself
+        raise argparse.ArgumentTypeError(
+            f"'{s}' is not a comma-separated list of integers") from None
+    except UserError as e:       # without check_channels' "--channels ...:", which argparse adds
         raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
 
 def device_arg(s):
@@ -2041,139 +2044,258 @@ def device_arg(s):
         return s
     raise argparse.ArgumentTypeError(f"'{s}' is not one of auto, cpu, cuda, cuda:N, mps")
 
-def preset_default(name):
-    """'(default: X)', or each preset's where they differ, so no help states a default a preset overrides."""
-    show = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
-    values = {k: show(getattr(cfg, name)) for k, cfg in PRESETS.items()}
-    return f"(default: {values['paper']})" if len(set(values.values())) == 1 else \
-        "(default: " + ", ".join(f"{v} with --preset {k}" for k, v in values.items()) + ")"
+def guidance_list(s):
+    return [number("guidance")(v) for v in s.split(",")]
 
-TRAIN_HELP = dict(  # train's recipe flags, each defaulting to its preset's value
+# --- the flag groups ---
+
+def add_device(p):
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps "
+                        "(default: auto)")
+
+def add_data_dir(p):
+    p.add_argument("--data-dir", default="data",
+                   help="folder holding MNIST/raw (or cifar-10-batches-py); downloaded there "
+                        "if missing (default: data)")
+
+def add_fast(p):
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the step (slower start, faster steps)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="compiled, and each step replayed from CUDA graphs (on CUDA; "
+                        "elsewhere it runs without)")
+
+def add_precision(p):
+    p.add_argument("--precision", choices=CHOICES["precision"], default="auto",
+                   help="auto: bf16 autocast where the device runs it natively (CUDA 8.0+, "
+                        "AVX512-BF16 CPUs), fp16 with a gradient scaler on CUDA 7.x, else "
+                        "fp32 (default: auto)")
+
+def add_model(p):
+    """The checkpoint a sampling command reads, and how it runs."""
+    p.add_argument("--ckpt", help=f"checkpoint to load (default: {DEFAULT_CKPT}, or the "
+                                  "committed samples/ema_fp16.pt until you have trained)")
+    add_device(p)
+    add_precision(p)
+    p.add_argument("--weights", choices=("ema", "model"), default="ema",
+                   help="the EMA weights or the raw trained ones (default: ema)")
+    add_fast(p)
+
+def add_sampler(p):
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm++", "euler"),
+                   help="ddpm: all T ancestral steps; ddim: --steps jumps; dpm++: "
+                        "DPM-Solver++(2M), --steps network calls (II.6); euler: a flow "
+                        "model's (II.7) (default: ddim, or euler for a flow model)")
+    p.add_argument("--steps", type=number("steps"),
+                   help=f"steps of ddim, dpm++ or euler, 1..T (default: {DDIM_STEPS}, "
+                        f"{DPM_SOLVER_STEPS} for dpm++; DDPM always takes all T)")
+    p.add_argument("--eta", type=number("eta"), default=0.0,
+                   help="DDIM noise, 0..1: 0 deterministic, 1 like DDPM (default: 0)")
+    p.add_argument("--no-clip", action="store_true",
+                   help="do not clip the predicted x_0 to [-1, 1]")
+
+def add_batch(p, n, batch_size):
+    """How many samples, in batches of how many, from which starting noise."""
+    p.add_argument("--n", type=number("n"), default=n, help=f"samples (default: {n})")
+    p.add_argument("--batch-size", type=number("batch_size"), default=batch_size,
+                   help=f"samples per batch (default: {batch_size})")
+    p.add_argument("--seed", type=number("seed"), default=0,
+                   help="seed of the starting noise (default: 0)")
+
+def add_guidance(p):
+    p.add_argument("--guidance", type=number("guidance"),
+                   help="conditional models: guidance scale s, 0..1000; 0 ignores the class, "
+                        "1 is the plain conditional model, larger draws the class more surely "
+                        f"and less varied (default: {DEFAULT_GUIDANCE})")
+
+def add_scoring(p):
+    """What evaluate and compare score with: the MNIST classifier and the data."""
+    add_data_dir(p)
+    p.add_argument("--classifier", default="runs/mnist_classifier.pt",
+                   help="cached classifier (.pt), trained there on first use "
+                        "(default: runs/mnist_classifier.pt)")
+
+def add_preset(p, help):
+    p.add_argument("--preset", choices=tuple(PRESETS), default="paper", help=help)
+
+# train's recipe flags: each defaults to None, so that "given" means typed, and the help says
+# each preset's value
+RECIPE = dict(
     dataset="images to learn; the network follows their channels and size (II.4)",
-    epochs="passes over the training images", batch_size="images per step", lr="AdamW learning rate",
-    channels="widths of the 4 levels, multiples of 8", ema_decay="EMA decay, below 1",
-    seed="seed for init, data order and noise", precision="autocast, or auto by device",
-    grid_n="EMA samples in each epoch's grid, 0 for none", schedule="noise schedule (II.3)",
-    lr_schedule="constant, or warm-up then cosine decay to 0 (II.5)", warmup_steps="linear lr warm-up steps (II.5)",
+    epochs="passes over the training images",
+    batch_size="images per step",
+    lr="AdamW learning rate",
+    channels="widths of the 4 levels, multiples of 8",
+    ema_decay="EMA decay, below 1",
+    seed="seed for init, data order and noise",
+    precision="autocast, or auto by device",
+    grid_n="EMA samples in each epoch's grid, 0 for none",
+    schedule="noise schedule (II.3)",
+    lr_schedule="constant, or warm-up then cosine decay to 0 (II.5)",
+    warmup_steps="linear lr warm-up steps (II.5)",
     min_snr_gamma="min-SNR loss weighting, 0 for plain MSE (II.5)",
     objective="what the network learns: eps, the noise (Part I), or flow, a velocity (II.7)")
-FLAGS = dict(  # argparse keywords beyond flag()'s own; %(default)s is each command's own default
-    device=dict(type=device_arg, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps "
-                                                      "(default: auto)"),
-    ckpt=dict(help=f"checkpoint to load (default: {DEFAULT_CKPT}, or the committed samples/ema_fp16.pt until you "
-                   "have trained)"),
-    precision=dict(default="auto", help="auto: bf16 autocast where the device runs it natively (CUDA 8.0+, "
-                   "AVX512-BF16 CPUs), fp16 with a gradient scaler on CUDA 7.x, else fp32 (default: auto)"),
-    data_dir=dict(default="data", help="folder holding MNIST/raw (or cifar-10-batches-py); downloaded there if "
-                                       "missing (default: data)"),
-    seed=dict(default=0, help="seed of the starting noise (default: 0)"),
-    sampler=dict(choices=("ddpm", "ddim", "dpm++", "euler"),
-                 help="ddpm: all T ancestral steps; ddim: --steps jumps; dpm++: DPM-Solver++(2M), "
-                      "--steps network calls (II.6); euler: a flow model's (II.7) "
-                      "(default: ddim, or euler for a flow model)"),
-    steps=dict(help=f"steps of ddim, dpm++ or euler, 1..T (default: {DDIM_STEPS}, "
-                    f"{DPM_SOLVER_STEPS} for dpm++; DDPM always takes all T)"),
-    eta=dict(default=0.0, help="DDIM noise, 0..1: 0 deterministic, 1 like DDPM (default: 0)"),
-    no_clip=dict(action="store_true", help="do not clip the predicted x_0 to [-1, 1]"),
-    weights=dict(choices=("ema", "model"), default="ema", help="the EMA weights or the raw trained ones "
-                                                               "(default: ema)"),
-    digit=dict(flag="--class", choices=[*map(str, range(NUM_CLASSES)), "all"], help="conditional models: the digit "
-               "to draw, or all: one digit per row (default: all)"),
-    guidance=dict(help="conditional models: guidance scale s, 0..1000; 0 ignores the class, 1 is the plain "
-                  "conditional model, larger draws the class more surely and less varied "
-                  f"(default: {DEFAULT_GUIDANCE})"),
-    classifier=dict(default="runs/mnist_classifier.pt", help="cached classifier (.pt), trained there on first use "
-                                                             "(default: %(default)s)"),
-    compile=dict(action="store_true", help="torch.compile the step (slower start, faster steps)"),
-    cuda_graph=dict(action="store_true", help="replay each step from a CUDA graph (on CUDA; elsewhere it runs "
-                                              "uncaptured)"),
-    n=dict(help="samples (default: %(default)s)"),
-    batch_size=dict(help="samples per batch (default: %(default)s)"),
-    channels=dict(type=channels_arg),
-    out=dict(help="output path (default: %(default)s)"),
-    run_dir=dict(default="runs/ddpm", help="the run's folder (default: runs/ddpm)"),
-)
-SAMPLING = "device ckpt precision sampler steps eta no_clip weights compile cuda_graph"
-COMMANDS = {  # name: (help, description, flags[=default]); a command's own flags come in build_parser
-    "train": ("train a DDPM (Alg. 1)", "Train the U-Net; writes ckpt.pt, config.json, loss.csv and per-epoch EMA "
-              "sample grids into --run-dir. Defaults come from --preset.", "data_dir run_dir device compile cuda_graph"),
-    "sample": ("draw digits with DDPM, DDIM, DPM-Solver++ or a flow's Euler steps",
-               "Sample from a checkpoint's EMA weights into "
-               "a PNG grid, an .npz, a folder of PNGs, or a denoising GIF.",
-               SAMPLING + " n=64 batch_size=256 digit guidance seed"),
-    "evaluate": ("FID, digit classes and copies of samples", "Score N samples (generated, or read from --samples) "
-                 "with a cached MNIST classifier; prints a table and writes a JSON report.",
-                 SAMPLING + " n=10000 batch_size=500 data_dir classifier guidance seed"),
-    "compare": ("the samplers side by side, same noise", "From one starting noise: DDPM (all T "
-                "steps), DDIM eta=0 at 10, 20, 50, 100 steps, DDIM eta=1 at 50 and DPM-Solver++ at 10 and "
-                "20 (a flow model: Euler at 10, 20, 50), or with --guidance guidance scales; a table "
-                "and a picture.", "device ckpt precision weights n=1000 batch_size=500 data_dir classifier "
-                                          "seed"),
-    "bench": ("time a training step in each mode, and the samplers", "The training step eager, compiled "
-              "(--compile) and captured as a CUDA graph (--cuda-graph) side by side, with the warm-up each costs, "
-              "images/s, TFLOP/s, and the time to sample a batch with DDIM-50 and DDPM-1000.",
-              "device precision compile cuda_graph batch_size=128"),
-    "forward": ("picture: real digits noised at t = 1 .. 1000 (Step 2)", None, "data_dir seed out=samples/forward.png"),
-    "export": ("a checkpoint's EMA weights alone, in fp16: a small file to share", "Write the EMA weights in float16 "
-               "with the config and how long the model trained, nothing else: a quarter of the checkpoint's size. "
-               "Every command that takes --ckpt reads it.", "out=samples/ema_fp16.pt"),
-}
 
-def flag(p, name, **kw):
-    """Add --name to p: checked against RANGES or CHOICES where it is named there, then FLAGS[name], then kw."""
-    auto = dict(type=number(name)) if name in RANGES else dict(choices=CHOICES[name]) if name in CHOICES else {}
-    spec = {**auto, **FLAGS.get(name, {}), **kw}
-    p.add_argument(spec.pop("flag", "--" + name.replace("_", "-")), dest=name, **spec)
+def shown(v):
+    return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+def preset_default(name):
+    """'(default: X)', or each preset's where they differ: no help states a default that a
+    preset overrides."""
+    values = {k: shown(getattr(cfg, name)) for k, cfg in PRESETS.items()}
+    if len(set(values.values())) == 1:
+        return f"(default: {values['paper']})"
+    each = ", ".join(f"{v} with --preset {k}" for k, v in values.items())
+    return f"(default: {each})"
+
+def add_recipe(p):
+    for name, text in RECIPE.items():
+        if name == "channels":
+            kind = dict(type=channels_arg)
+        elif name in RANGES:
+            kind = dict(type=number(name))
+        else:
+            kind = dict(choices=CHOICES[name])
+        p.add_argument("--" + name.replace("_", "-"), **kind,
+                       help=f"{text} {preset_default(name)}")
+
+# --- one block per command ---
+
+def add_train(sub):
+    p = command(sub, cmd_train, "train a DDPM (Alg. 1)",
+                "Train the U-Net; writes ckpt.pt, config.json, loss.csv and per-epoch EMA "
+                "sample grids into --run-dir. Defaults come from --preset.")
+    add_data_dir(p)
+    p.add_argument("--run-dir", default="runs/ddpm",
+                   help="the run's folder (default: runs/ddpm)")
+    add_device(p)
+    add_fast(p)
+    add_preset(p, "paper: the case study's recipe; cpu: a 4x cheaper network and a short "
+                  "run for a laptop CPU; cifar10: the DDPM paper's CIFAR-10 model "
+                  "(default: paper)")
+    add_recipe(p)
+    p.add_argument("--cond", action="store_true",
+                   help="a class-conditional model, for sample --class (II.1)")
+    p.add_argument("--p-uncond", type=number("p_uncond"),
+                   help="with --cond: share of labels dropped to 'no label', 0..1 "
+                        f"(default: {PRESETS['paper'].p_uncond})")
+    p.add_argument("--max-steps", type=number("max_steps"),
+                   help="stop after this many steps in all, with a checkpoint")
+    p.add_argument("--max-minutes", type=number("max_minutes"),
+                   help="stop after this many minutes in all, with a checkpoint")
+    p.add_argument("--ckpt-every", type=number("ckpt_every"), default=0,
+                   help="also checkpoint every N steps, so a kill loses at most N "
+                        "(default: 0, every epoch only)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from RUN_DIR/ckpt.pt, exactly")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run folder that has a checkpoint")
+
+def add_sample(sub):
+    p = command(sub, cmd_sample,
+                "draw digits with DDPM, DDIM, DPM-Solver++ or a flow's Euler steps",
+                "Sample from a checkpoint's EMA weights into a PNG grid, an .npz, a folder "
+                "of PNGs, or a denoising GIF.")
+    add_model(p)
+    add_sampler(p)
+    add_batch(p, n=64, batch_size=256)
+    p.add_argument("--class", dest="digit", choices=[*map(str, range(NUM_CLASSES)), "all"],
+                   help="conditional models: the digit to draw, or all: one digit per row "
+                        "(default: all)")
+    add_guidance(p)
+    p.add_argument("--format", choices=("png", "npz", "png-dir"), default="png",
+                   help="png: one grid; npz: uint8 array 'images', (N, 28, 28) for MNIST or "
+                        "(N, 32, 32, 3) for CIFAR-10; png-dir: one PNG per sample, for "
+                        "pytorch-fid or clean-fid (default: png)")
+    p.add_argument("--gif", action="store_true",
+                   help="an animated GIF of x_t beside the predicted x_0")
+    p.add_argument("--out", help="output path (default: samples/<sampler>_<steps>.png, .npz, "
+                                 ".gif or folder)")
+
+def add_evaluate(sub):
+    p = command(sub, cmd_evaluate, "FID, digit classes and copies of samples",
+                "Score N samples (generated, or read from --samples) with a cached MNIST "
+                "classifier; prints a table and writes a JSON report.")
+    add_model(p)
+    add_sampler(p)
+    add_batch(p, n=10000, batch_size=500)
+    add_scoring(p)
+    add_guidance(p)
+    p.add_argument("--samples", help="score this .npz (uint8 'images', (N, 28, 28)) instead "
+                                     "of sampling")
+    p.add_argument("--out", help="report path, .json (default: evaluate.json beside "
+                                 "--samples, else beside the checkpoint, or in the current "
+                                 "folder for the committed weights)")
+
+def add_compare(sub):
+    p = command(sub, cmd_compare, "the samplers side by side, same noise",
+                "From one starting noise: DDPM (all T steps), DDIM eta=0 at 10, 20, 50, 100 "
+                "steps, DDIM eta=1 at 50 and DPM-Solver++ at 10 and 20 (a flow model: Euler "
+                "at 10, 20, 50), or with --guidance guidance scales; a table and a picture.")
+    add_model(p)
+    add_batch(p, n=1000, batch_size=500)
+    add_scoring(p)
+    p.add_argument("--guidance", type=guidance_list,
+                   help="conditional models: compare these guidance scales (DDIM-50), e.g. "
+                        "0,1,2,3,5,8: one picture row per digit, one column per scale")
+    p.add_argument("--out", help="picture path (default: samples/compare.png, or "
+                                 "samples/guidance.png)")
+
+def add_bench(sub):
+    p = command(sub, cmd_bench, "time a training step in each mode, and the samplers",
+                "The training step eager, compiled (--compile) and replayed from CUDA graphs "
+                "(--cuda-graph) side by side, with the warm-up each costs, images/s, "
+                "TFLOP/s, and the time to sample a batch with DDIM-50 and DDPM-1000.")
+    add_device(p)
+    add_precision(p)
+    add_fast(p)
+    p.add_argument("--batch-size", type=number("batch_size"), default=128,
+                   help="images per step (default: 128)")
+    add_preset(p, "the network to time (default: paper)")
+    p.add_argument("--channels", type=channels_arg,
+                   help="widths of the 4 levels (default: the preset's)")
+    p.add_argument("--reps", type=number("reps"), default=5, help="timed steps (default: 5)")
+
+def add_forward(sub):
+    p = command(sub, cmd_forward, "picture: real digits noised at t = 1 .. 1000 (Step 2)")
+    add_data_dir(p)
+    p.add_argument("--seed", type=number("seed"), default=0,
+                   help="seed of the digits and the noise (default: 0)")
+    p.add_argument("--out", default="samples/forward.png",
+                   help="output path (default: samples/forward.png)")
+    p.add_argument("--n", type=number("digits"), default=4,
+                   help="digits, one per row, 1..16 (default: 4)")
+    p.add_argument("--schedule", choices=CHOICES["schedule"], default="linear",
+                   help="noise schedule (default: linear)")
+
+def add_export(sub):
+    p = command(sub, cmd_export, "a checkpoint's EMA weights alone, in fp16: a small file to "
+                                 "share",
+                "Write the EMA weights in float16 with the config and how long the model "
+                "trained, nothing else: a quarter of the checkpoint's size. Every command "
+                "that takes --ckpt reads it.")
+    p.add_argument("--out", default="samples/ema_fp16.pt",
+                   help="output path (default: samples/ema_fp16.pt)")
+    p.add_argument("--ckpt", default=str(DEFAULT_CKPT),
+                   help=f"checkpoint to export (default: {DEFAULT_CKPT})")
+
+def command(sub, func, help, description=None):
+    """A command's parser, named for its function: cmd_train is `train`."""
+    p = sub.add_parser(func.__name__[4:], help=help, description=description or help)
+    p.set_defaults(func=func)
+    return p
 
 def build_parser():
     ap = Parser(prog="ddpm_mnist.py", description=__doc__.split("\n\n")[1],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub, ps = ap.add_subparsers(dest="command", required=True, metavar="COMMAND"), {}
-    for name, (help, description, flags) in COMMANDS.items():
-        ps[name] = p = sub.add_parser(name, help=help, description=description or help)
-        p.set_defaults(func=globals()["cmd_" + name])
-        for f in flags.split():
-            key, _, default = f.partition("=")
-            flag(p, key, **({"default": default} if default else {}))          # argparse applies the type
-    p = ps["train"]
-    p.add_argument("--preset", choices=tuple(PRESETS), default="paper", help="paper: the case study's recipe; cpu: "
-                   "a 4x cheaper network and a short run for a laptop CPU; cifar10: the DDPM paper's CIFAR-10 model "
-                   "(default: paper)")
-    for name, text in TRAIN_HELP.items():
-        flag(p, name, default=None, help=f"{text} {preset_default(name)}")
-    p.add_argument("--cond", action="store_true", help="a class-conditional model, for sample --class (II.1)")
-    flag(p, "p_uncond", help=f"with --cond: share of labels dropped to 'no label', 0..1 (default: "
-                             f"{PRESETS['paper'].p_uncond})")
-    for name in ("max_steps", "max_minutes"):
-        flag(p, name, help=f"stop after this many {name[4:]} in all, with a checkpoint")
-    flag(p, "ckpt_every", default=0, help="also checkpoint every N steps, so a kill loses at most N (default: 0, every "
-                                          "epoch only)")
-    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt, exactly")
-    p.add_argument("--overwrite", action="store_true", help="start over in a run folder that has a checkpoint")
-    p = ps["sample"]
-    p.add_argument("--format", choices=("png", "npz", "png-dir"), default="png", help="png: one grid; npz: uint8 "
-                   "array 'images', (N, 28, 28) for MNIST or (N, 32, 32, 3) for CIFAR-10; png-dir: one PNG per "
-                   "sample, for pytorch-fid or clean-fid (default: png)")
-    p.add_argument("--gif", action="store_true", help="an animated GIF of x_t beside the predicted x_0")
-    flag(p, "out", help="output path (default: samples/<sampler>_<steps>.png, .npz, .gif or folder)")
-    p = ps["evaluate"]
-    p.add_argument("--samples", help="score this .npz (uint8 'images', (N, 28, 28)) instead of sampling")
-    flag(p, "out", help="report path, .json (default: evaluate.json beside --samples, else beside the checkpoint, "
-                        "or in the current folder for the committed weights)")
-    p = ps["compare"]
-    flag(p, "guidance", type=lambda s: [number("guidance")(v) for v in s.split(",")],
-         help="conditional models: compare these guidance scales (DDIM-50), e.g. 0,1,2,3,5,8: one picture row per "
-              "digit, one column per scale")
-    flag(p, "out", help="picture path (default: samples/compare.png, or samples/guidance.png)")
-    p = ps["bench"]
-    p.add_argument("--preset", choices=tuple(PRESETS), default="paper", help="the network to time (default: paper)")
-    flag(p, "channels", help="widths of the 4 levels (default: the preset's)")
-    flag(p, "reps", default=5, help="timed steps (default: 5)")
-    flag(ps["forward"], "n", type=number("digits"), default=4, help="digits, one per row, 1..16 (default: 4)")
-    flag(ps["forward"], "schedule", default="linear", help="noise schedule (default: linear)")
-    ps["export"].add_argument("--ckpt", default=str(DEFAULT_CKPT), help=f"checkpoint to export (default: "
-                                                                        f"{DEFAULT_CKPT})")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (add_train, add_sample, add_evaluate, add_compare, add_bench, add_forward,
+                add_export):
+        add(sub)
     return ap
+
+TRAIN_HELP = RECIPE   # FIXME after merge
 
 # --- the commands: each checks what it can before slow work starts or a file is written ---
 
