@@ -797,45 +797,69 @@ PRESETS = {
     "paper": RunConfig(),
     # Measured on a 2-core AVX512-BF16 CPU (samples/README.md): a quarter of the FLOPs, a
     # shorter EMA and every II.5 lever; 79% confident digits with DDIM-50 in 12 minutes.
-    "cpu": RunConfig(channels=(32, 64, 128, 128), batch_size=32, epochs=2, lr=1e-3, ema_decay=0.999,
-                     schedule="cosine", lr_schedule="cosine", warmup_steps=100, min_snr_gamma=5.0, preset="cpu"),
+    "cpu": RunConfig(channels=(32, 64, 128, 128), batch_size=32, epochs=2,
+                     lr=1e-3, ema_decay=0.999,
+                     schedule="cosine", lr_schedule="cosine", warmup_steps=100,
+                     min_snr_gamma=5.0, preset="cpu"),
     # The DDPM paper's CIFAR-10 model as far as this U-Net goes (its Sec. 4 and App. B); it
     # trained 800k steps, 100 epochs here are 39,000.
-    "cifar10": RunConfig(dataset="cifar10", channels=(128, 256, 256, 256), attn_sizes=(16,), dropout=0.1,
-                         hflip=True, epochs=100, preset="cifar10"),
+    "cifar10": RunConfig(dataset="cifar10", channels=(128, 256, 256, 256),
+                         attn_sizes=(16,), dropout=0.1, hflip=True,
+                         epochs=100, preset="cifar10"),
 }
-IMAGE_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}   # (C, H, W) of each data set's images
+# (C, H, W) of each data set's images
+IMAGE_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 TRAIN_IMAGES = {"mnist": 60_000, "cifar10": 50_000}
-NUM_CLASSES = 10                 # digits 0-9, or CIFAR-10's ten classes: what --cond conditions on
-CHOICES = dict(dataset=tuple(IMAGE_SHAPES), schedule=("linear", "cosine"), lr_schedule=("constant", "cosine"),
-               precision=("auto", "bf16", "fp16", "fp32"), preset=tuple(PRESETS),
+# digits 0-9, or CIFAR-10's ten classes: what --cond conditions on
+NUM_CLASSES = 10
+CHOICES = dict(dataset=tuple(IMAGE_SHAPES),
+               schedule=("linear", "cosine"),
+               lr_schedule=("constant", "cosine"),
+               precision=("auto", "bf16", "fp16", "fp32"),
+               preset=tuple(PRESETS),
                objective=("eps", "flow"))
 # (kind, lowest, highest) of every number a flag or a config may hold; "float>" excludes the lowest
-RANGES = dict(T=("int", 2, 10_000), beta_1=("float>", 0, 0.999), beta_T=("float>", 0, 0.999), num_res_blocks=("int", 1, 8),
-              lr=("float>", 0, 3.4e38), weight_decay=("float", 0, 10), batch_size=("int", 1, 1_000_000),
-              epochs=("int", 1, 100_000), ema_decay=("float", 0, 0.999999), seed=("int", 0, 2 ** 63 - 1),
-              dropout=("float", 0, 0.99), p_uncond=("float", 0, 1), warmup_steps=("int", 0, 10 ** 9),
-              min_snr_gamma=("float", 0, 1e6), grid_n=("int", 0, 1024), channel=("int", 8, 1024),
-              steps=("int", 1, 1000), eta=("float", 0, 1), guidance=("float", 0, 1000), n=("int", 1, 10 ** 6),
-              max_minutes=("float>", 0, 10 ** 7), max_steps=("int", 1, 10 ** 9), ckpt_every=("int", 0, 10 ** 9),
+RANGES = dict(T=("int", 2, 10_000),
+              beta_1=("float>", 0, 0.999), beta_T=("float>", 0, 0.999),
+              num_res_blocks=("int", 1, 8),
+              lr=("float>", 0, 3.4e38), weight_decay=("float", 0, 10),
+              batch_size=("int", 1, 1_000_000), epochs=("int", 1, 100_000),
+              ema_decay=("float", 0, 0.999999), seed=("int", 0, 2 ** 63 - 1),
+              dropout=("float", 0, 0.99), p_uncond=("float", 0, 1),
+              warmup_steps=("int", 0, 10 ** 9), min_snr_gamma=("float", 0, 1e6),
+              grid_n=("int", 0, 1024), channel=("int", 8, 1024),
+              steps=("int", 1, 1000), eta=("float", 0, 1),
+              guidance=("float", 0, 1000), n=("int", 1, 10 ** 6),
+              max_minutes=("float>", 0, 10 ** 7), max_steps=("int", 1, 10 ** 9),
+              ckpt_every=("int", 0, 10 ** 9),
               reps=("int", 1, 1000), digits=("int", 1, 16))
 
 def check_number(name, v, what):
     """v held to RANGES[name]; `what` names the flag or the file, and the value, in the refusal."""
     kind, lo, hi = RANGES[name]
     is_int = isinstance(v, int) and not isinstance(v, bool)
-    ok = is_int if kind == "int" else ((is_int or isinstance(v, float)) and math.isfinite(v))
+    if kind == "int":
+        ok = is_int
+    else:
+        ok = (is_int or isinstance(v, float)) and math.isfinite(v)
     if not ok or v > hi or v < lo or (kind == "float>" and v == lo):
-        raise UserError(f"{what}: need {'an integer' if kind == 'int' else 'a number'} "
-                        + (f"above {lo} and at most {hi}" if kind == "float>" else f"from {lo} to {hi}"))
+        need = "an integer" if kind == "int" else "a number"
+        if kind == "float>":
+            span = f"above {lo} and at most {hi}"
+        else:
+            span = f"from {lo} to {hi}"
+        raise UserError(f"{what}: need {need} {span}")
     return v
 
 def check_channels(channels, what="--channels"):
-    if not isinstance(channels, (tuple, list)) or len(channels) != 4 or \
-            any(isinstance(c, bool) or not isinstance(c, int) or c % GROUPS for c in channels):
-        raise UserError(f"{what} {channels!r}: need 4 widths (one per level: 28, 14, 7, 3 px for MNIST), "
-                        f"each a multiple of {GROUPS} (the GroupNorm groups)")
-    return tuple(check_number("channel", c, f"{what} {','.join(map(str, channels))}: width {c}") for c in channels)
+    def misfit(c):
+        return isinstance(c, bool) or not isinstance(c, int) or c % GROUPS
+    four = isinstance(channels, (tuple, list)) and len(channels) == 4
+    if not four or any(misfit(c) for c in channels):
+        raise UserError(f"{what} {channels!r}: need 4 widths (one per level: 28, 14, 7, 3 px "
+                        f"for MNIST), each a multiple of {GROUPS} (the GroupNorm groups)")
+    listed = ",".join(map(str, channels))
+    return tuple(check_number("channel", c, f"{what} {listed}: width {c}") for c in channels)
 
 def config_from_dict(d, where):
     """A RunConfig from a checkpoint's or config.json's dict, every value held to what the flags
@@ -843,22 +867,28 @@ def config_from_dict(d, where):
     case study's values, so older files still load."""
     if not isinstance(d, dict):
         raise UserError(f"{where}: its config is {type(d).__name__}, not a dict of settings")
-    cfg = RunConfig(**{k: v for k, v in d.items() if k in {f.name for f in fields(RunConfig)}})
+    names = {f.name for f in fields(RunConfig)}
+    cfg = RunConfig(**{k: v for k, v in d.items() if k in names})
     for name in RANGES.keys() & d.keys():
         check_number(name, d[name], f"{where}: config {name} {d[name]!r}")
     for name, allowed in CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            raise UserError(f"{where}: config {name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
-    if cfg.num_classes not in (0, NUM_CLASSES) or not isinstance(cfg.hflip, bool) or \
-            not isinstance(cfg.attn_sizes, (tuple, list)) or not all(isinstance(a, int) for a in cfg.attn_sizes):
+        value = getattr(cfg, name)
+        if value not in allowed:
+            raise UserError(f"{where}: config {name} {value!r} is not one of "
+                            f"{', '.join(allowed)}")
+    sizes = cfg.attn_sizes
+    labels_ok = cfg.num_classes in (0, NUM_CLASSES)
+    sizes_ok = isinstance(sizes, (tuple, list)) and all(isinstance(a, int) for a in sizes)
+    if not (labels_ok and isinstance(cfg.hflip, bool) and sizes_ok):
         raise UserError(f"{where}: config num_classes, hflip or attn_sizes is malformed")
     if cfg.num_classes and cfg.dataset != "mnist":
-        raise UserError(f"{where}: --cond asks for digits; the CIFAR-10 network here is unconditional")
+        raise UserError(f"{where}: --cond asks for digits; the CIFAR-10 network here is "
+                        "unconditional")
     if cfg.objective == "flow" and (cfg.schedule, cfg.min_snr_gamma) != ("linear", 0):
-        raise UserError(f"{where}: a flow model has no noise schedule and no min-SNR weighting, "
-                        "but its config names them")
-    return replace(cfg, channels=check_channels(cfg.channels, f"{where}: config channels"),
-                   attn_sizes=tuple(cfg.attn_sizes))
+        raise UserError(f"{where}: a flow model has no noise schedule and no min-SNR "
+                        "weighting, but its config names them")
+    channels = check_channels(cfg.channels, f"{where}: config channels")
+    return replace(cfg, channels=channels, attn_sizes=tuple(cfg.attn_sizes))
 
 def make_unet(cfg):
     """The network a config describes: Part I's, or a Part II extension's."""
@@ -869,7 +899,8 @@ def make_unet(cfg):
     return UNet(cfg.channels, cfg.num_res_blocks)
 
 def make_schedule(cfg):
-    return NoiseSchedule(cfg.T, cfg.beta_1, cfg.beta_T, cosine_betas if cfg.schedule == "cosine" else linear_betas)
+    make_betas = cosine_betas if cfg.schedule == "cosine" else linear_betas
+    return NoiseSchedule(cfg.T, cfg.beta_1, cfg.beta_T, make_betas)
 
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
@@ -904,7 +935,8 @@ def check_in(flag, path):
     if p.is_dir():
         raise UserError(f"{flag} {path}: names a folder, not a file")
     if p.exists() and not p.is_file():
-        raise UserError(f"{flag} {path}: is not a regular file (a pipe or a device); give a file")
+        raise UserError(f"{flag} {path}: is not a regular file (a pipe or a device); "
+                        "give a file")
     if not p.is_file():
         raise UserError(f"{flag} {path}: no such file")
     return p
@@ -915,19 +947,27 @@ def check_out(flag, path, suffix, inputs=(), folder=False):
     takes a file. Checked before any work, so a refusal loses nothing."""
     p = Path(path)
     state = holds_training_state(p) if p.is_file() else False
-    for bad, why in [(p.name in ("", ".", ".."), "names no file; give a file name"),
-                     (not folder and p.suffix.lower() != suffix, f"must end in {suffix}, the kind of file this writes"),
-                     (any(same_file(i, p) for i in inputs if i is not None),
-                      "is an input of this command; writing it would replace it"),
-                     (folder and p.exists() and (not p.is_dir() or any(p.iterdir())), "is not a new or empty folder"),
-                     (not folder and p.is_dir(), "is a folder; give a file name"),
-                     (state is True, "holds a run's training state, which only that run may replace"),
-                     (state is None, "cannot be read to tell that it is not a run's training "
-                                     "checkpoint; move it, or give another name"),
-                     (p.is_file() and not p.stat().st_mode & 0o222, "is a read-only file"),
-                     (p.is_symlink() and not p.exists(), "is a link that leads nowhere (a loop, or "
-                                                         "a missing target); give another name"),
-                     (not p.parent.is_dir(), f"the folder {p.parent} does not exist")]:
+    no_name = p.name in ("", ".", "..")
+    wrong_suffix = not folder and p.suffix.lower() != suffix
+    an_input = any(same_file(i, p) for i in inputs if i is not None)
+    not_empty = folder and p.exists() and (not p.is_dir() or any(p.iterdir()))
+    a_folder = not folder and p.is_dir()
+    read_only = p.is_file() and not p.stat().st_mode & 0o222
+    dangling = p.is_symlink() and not p.exists()
+    checks = [
+        (no_name, "names no file; give a file name"),
+        (wrong_suffix, f"must end in {suffix}, the kind of file this writes"),
+        (an_input, "is an input of this command; writing it would replace it"),
+        (not_empty, "is not a new or empty folder"),
+        (a_folder, "is a folder; give a file name"),
+        (state is True, "holds a run's training state, which only that run may replace"),
+        (state is None, "cannot be read to tell that it is not a run's training checkpoint; "
+                        "move it, or give another name"),
+        (read_only, "is a read-only file"),
+        (dangling, "is a link that leads nowhere (a loop, or a missing target); "
+                   "give another name"),
+        (not p.parent.is_dir(), f"the folder {p.parent} does not exist")]
+    for bad, why in checks:
         if bad:
             raise UserError(f"{flag} {path}: {why}")
     if not writable(p.parent):
@@ -955,8 +995,9 @@ def holds_training_state(path):
             head = f.read(2)
     except OSError:
         return None
-    if head != b"PK":                                      # not a zip, as torch.save writes
-        return None if head[:1] == b"\x80" else False      # a pickle: the legacy format
+    # not a zip, as torch.save writes; a pickle (b"\x80") is the legacy format
+    if head != b"PK":
+        return None if head[:1] == b"\x80" else False
     d = peek(path)
     if not d and Path(path).suffix == ".pt":
         return None
@@ -975,7 +1016,8 @@ def progress_bar(**kw):
     """tqdm, redrawn twice a second on a terminal but once a minute into a log or CI, where each
     redraw is a new line."""
     interval = 0.5 if sys.stderr.isatty() else 60.0
-    return tqdm(mininterval=interval, maxinterval=max(10.0, interval), dynamic_ncols=True, **kw)
+    longest = max(10.0, interval)
+    return tqdm(mininterval=interval, maxinterval=longest, dynamic_ncols=True, **kw)
 
 GRID_PAD = 2                     # white lines between the cells of a grid, in pixels
 GRID_COLUMNS = 8                 # samples per row of the per-epoch grids
@@ -985,16 +1027,22 @@ def grid_image(images_uint8, nrow=GRID_COLUMNS):
     make_grid, which makes grey RGB and leaves a lone image unframed."""
     from torchvision.utils import make_grid
     x = images_uint8.cpu()
-    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)            # (N, C, H, W)
-    g = make_grid(x, nrow, padding=GRID_PAD, pad_value=255) if len(x) > 1 else F.pad(x[0], (GRID_PAD,) * 4, value=255)
-    return Image.fromarray((g[0] if x.shape[1] == 1 else g.permute(1, 2, 0)).numpy())
+    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)     # (N, C, H, W)
+    if len(x) > 1:
+        g = make_grid(x, nrow, padding=GRID_PAD, pad_value=255)       # (3, H', W')
+    else:
+        g = F.pad(x[0], (GRID_PAD,) * 4, value=255)                   # (C, H', W')
+    pixels = g[0] if x.shape[1] == 1 else g.permute(1, 2, 0)          # (H', W'[, 3])
+    return Image.fromarray(pixels.numpy())
 
 # -----------------------------------------------------------------------------
 # III.3 Checkpoints: written atomically, read without running code, checked before use.
 
 DEFAULT_CKPT = Path("runs/ddpm/ckpt.pt")
-SHIPPED_CKPT = Path(__file__).resolve().parent / "samples" / "ema_fp16.pt"   # the committed weights
-TRAINING_STATE = ("model", "ema", "opt", "step", "rng", "epoch_loss_sum", "history", "seconds")
+# the committed weights
+SHIPPED_CKPT = Path(__file__).resolve().parent / "samples" / "ema_fp16.pt"
+TRAINING_STATE = ("model", "ema", "opt", "step", "rng",
+                  "epoch_loss_sum", "history", "seconds")
 
 def load_checkpoint(path, flag="--ckpt"):
     """torch.load with weights_only=True, tensors and plain data only, so a checkpoint can never
@@ -1003,34 +1051,42 @@ def load_checkpoint(path, flag="--ckpt"):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise UserError(f"{flag} {path}: refused: it holds pickled Python objects that could run code; "
-                        "nothing in it was executed") from None
+        raise UserError(f"{flag} {path}: refused: it holds pickled Python objects that could "
+                        "run code; nothing in it was executed") from None
     except Exception as e:
-        raise UserError(f"{flag} {path}: not a readable checkpoint, truncated or not made by torch.save "
-                        f"({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or \
-            not isinstance(ckpt.get("ema", ckpt.get("model")), dict):
-        raise UserError(f"{flag} {path}: not a ddpm_mnist checkpoint (it needs 'config' and 'ema' entries)")
+        raise UserError(f"{flag} {path}: not a readable checkpoint, truncated or not made by "
+                        f"torch.save ({type(e).__name__})") from None
+    has_config = isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict)
+    weights = ckpt.get("ema", ckpt.get("model")) if has_config else None
+    if not isinstance(weights, dict):
+        raise UserError(f"{flag} {path}: not a ddpm_mnist checkpoint (it needs 'config' and "
+                        "'ema' entries)")
     return ckpt
 
 def model_from_checkpoint(ckpt, weights="ema"):
     """The network the checkpoint's config describes, with its weights in float32 (also from the
     fp16 exports in samples/), in eval mode; weights that do not fit are one line."""
-    cfg, state = config_from_dict(ckpt["config"], "--ckpt"), ckpt.get(weights)
+    cfg = config_from_dict(ckpt["config"], "--ckpt")
+    state = ckpt.get(weights)
     if not isinstance(state, dict):
-        raise UserError(f"--ckpt: this checkpoint has no '{weights}' weights (it has: "
-                        f"{', '.join(k for k in ('ema', 'model') if k in ckpt)})")
+        has = ", ".join(k for k in ("ema", "model") if k in ckpt)
+        raise UserError(f"--ckpt: this checkpoint has no '{weights}' weights "
+                        f"(it has: {has})")
     model = make_unet(cfg)
     want = model.state_dict()
-    bad = [k for k, v in want.items() if not isinstance(state.get(k), torch.Tensor) or state[k].shape != v.shape
-           or not state[k].is_floating_point()] + [k for k in state if k not in want]
+
+    def fits(k, v):
+        w = state.get(k)
+        return isinstance(w, torch.Tensor) and w.shape == v.shape and w.is_floating_point()
+    unfit = [k for k, v in want.items() if not fits(k, v)]   # missing or misshapen
+    bad = unfit + [k for k in state if k not in want]         # then the unexpected
     if bad:
-        raise UserError(f"--ckpt: its weights do not fit the network its config describes ({len(bad)} missing, "
-                        f"misshapen or unexpected, such as {bad[0]})")
+        raise UserError(f"--ckpt: its weights do not fit the network its config describes "
+                        f"({len(bad)} missing, misshapen or unexpected, such as {bad[0]})")
     broken = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if broken:
-        raise UserError(f"--ckpt: {len(broken)} of its weight tensors hold NaN or infinite values, "
-                        f"such as {broken[0]}; its samples would be blank")
+        raise UserError(f"--ckpt: {len(broken)} of its weight tensors hold NaN or infinite "
+                        f"values, such as {broken[0]}; its samples would be blank")
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval().requires_grad_(False), cfg
 
@@ -1038,14 +1094,17 @@ def checkpoint_to_sample(ckpt_flag):
     """--ckpt if given; else runs/ddpm/ckpt.pt; else, on a fresh clone, the committed weights."""
     if ckpt_flag is not None:
         return Path(ckpt_flag)
-    return DEFAULT_CKPT if DEFAULT_CKPT.exists() or not SHIPPED_CKPT.exists() else SHIPPED_CKPT
+    if DEFAULT_CKPT.exists() or not SHIPPED_CKPT.exists():
+        return DEFAULT_CKPT
+    return SHIPPED_CKPT
 
 def trained_note(r):
     if not isinstance(r, dict):
         return "its training length is not recorded in the file"
-    return f"trained {r.get('step', 0):,} steps ({r.get('epochs', 0):.1f} epochs)" + (
-        f" in {r['seconds'] / 60:.1f} min" if isinstance(r.get("seconds"), (int, float)) else "") + \
-        f" on {r.get('device') or 'an unrecorded device'}"
+    text = f"trained {r.get('step', 0):,} steps ({r.get('epochs', 0):.1f} epochs)"
+    if isinstance(r.get("seconds"), (int, float)):
+        text += f" in {r['seconds'] / 60:.1f} min"
+    return text + f" on {r.get('device') or 'an unrecorded device'}"
 
 def portable_optimizer_state(opt):
     """The optimizer's state as a checkpoint keeps it."""
@@ -1167,47 +1226,57 @@ def blame(flag, device):
 def start_processes(args, cfg):
     """Under torchrun: check what every process must agree on, then join the group, giving up after
     a minute rather than waiting forever. Returns (device, rank, world)."""
-    env = os.environ             # torchrun sets these; set by hand, one wrong one would leave a process waiting
+    # torchrun sets these; set by hand, one wrong one would leave a process waiting
+    env = os.environ
     several = env.get("WORLD_SIZE", "1") != "1"
     if several and not env.get("TORCHELASTIC_RUN_ID"):
-        raise UserError(f"environment WORLD_SIZE={env['WORLD_SIZE']!r}: several processes start with torchrun, which "
-                        "sets it with RANK, LOCAL_RANK and MASTER_ADDR; unset WORLD_SIZE to run one process")
+        raise UserError(f"environment WORLD_SIZE={env['WORLD_SIZE']!r}: several processes "
+                        "start with torchrun, which sets it with RANK, LOCAL_RANK and "
+                        "MASTER_ADDR; unset WORLD_SIZE to run one process")
     device = resolve_device(args.device)
     if not several:
         return device, 0, 1
-    missing = [k for k in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-               if not env.get(k, "").strip()]
+    needed = ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    missing = [k for k in needed if not env.get(k, "").strip()]
     if missing:
-        raise UserError(f"environment WORLD_SIZE={env['WORLD_SIZE']!r} without {', '.join(missing)}: "
-                        "several processes start with torchrun, which sets them all")
-    rank, local_rank, world = int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"])
-    local_world = int(env["LOCAL_WORLD_SIZE"])                          # the processes on this machine
+        raise UserError(f"environment WORLD_SIZE={env['WORLD_SIZE']!r} without "
+                        f"{', '.join(missing)}: several processes start with torchrun, "
+                        "which sets them all")
+    rank, local_rank = int(env["RANK"]), int(env["LOCAL_RANK"])
+    world = int(env["WORLD_SIZE"])
+    local_world = int(env["LOCAL_WORLD_SIZE"])     # the processes on this machine
     if cfg.batch_size % world:
-        raise UserError(f"--batch-size {cfg.batch_size}: must divide evenly over the {world} processes "
-                        "(it is the global batch)")
+        raise UserError(f"--batch-size {cfg.batch_size}: must divide evenly over the "
+                        f"{world} processes (it is the global batch)")
     if device.type == "cuda":
-        if torch.cuda.device_count() < local_world:
-            raise UserError(f"--device {args.device}: {local_world} processes on this machine but "
-                            f"{torch.cuda.device_count()} visible CUDA devices; one process per device")
+        visible = torch.cuda.device_count()
+        if visible < local_world:
+            raise UserError(f"--device {args.device}: {local_world} processes on this "
+                            f"machine but {visible} visible CUDA devices; one process "
+                            "per device")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     elif device.type != "cpu":
-        raise UserError(f"--device {args.device}: several processes run on CUDA (nccl) or the CPU (gloo)")
+        raise UserError(f"--device {args.device}: several processes run on CUDA (nccl) "
+                        "or the CPU (gloo)")
     from datetime import timedelta
+    backend = "nccl" if device.type == "cuda" else "gloo"
     try:
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                             timeout=timedelta(minutes=1))
-    except Exception as e:     # a store that timed out, an address that does not answer
-        raise UserError(f"torchrun: process {rank} could not join the other {world - 1} within a "
-                        f"minute ({type(e).__name__}); start every process with torchrun") from None
-    if rank == 0:             # one download, not one per process into the same folder
+        torch.distributed.init_process_group(backend, timeout=timedelta(minutes=1))
+    except Exception as e:
+        # a store that timed out, an address that does not answer
+        raise UserError(f"torchrun: process {rank} could not join the other {world - 1} "
+                        f"within a minute ({type(e).__name__}); start every process "
+                        "with torchrun") from None
+    # one download, not one per process into the same folder
+    if rank == 0:
         read_data(cfg, args.data_dir)
     torch.distributed.barrier()
     return device, rank, world
 
 def all_sum(x, world):
     if world > 1:
-        torch.distributed.all_reduce(x)          # in place: the sum over the processes
+        torch.distributed.all_reduce(x)     # in place: the sum over the processes
     return x
 
 def leave(code, world):
@@ -1225,21 +1294,24 @@ def read_data(cfg, data_dir, train=True):
     raw = Path(data_dir) / "MNIST" / "raw"
     made = [d for d in (raw, raw.parent, Path(data_dir)) if not d.exists()]
     split = "training" if train else "test"
-    try:   # torchvision before 0.20 prints every download attempt on stdout: kept off it
+    load = load_cifar10 if cfg.dataset == "cifar10" else load_mnist
+    # torchvision before 0.20 prints every download attempt on stdout: kept off it
+    try:
         with contextlib.redirect_stdout(io.StringIO()):
-            if cfg.dataset == "cifar10":
-                return check_data(cfg, data_dir, *load_cifar10(data_dir, train), split)
-            return check_data(cfg, data_dir, *load_mnist(data_dir, train), split)
+            return check_data(cfg, data_dir, *load(data_dir, train), split)
     except UserError:
         raise
     except Exception as e:  # no network, a proxy error, a truncated file...
         for d in made:      # leave no empty folders behind
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
-        put = f"the extracted cifar-10-batches-py folder in {data_dir}" if cfg.dataset == "cifar10" else \
-            f"the four IDX files (train-images-idx3-ubyte, ...) in {raw}"
-        raise UserError(f"--data-dir {data_dir}: {cfg.dataset.upper()} is missing or unreadable and could not be "
-                        f"downloaded ({type(e).__name__}); put {put}") from None
+        if cfg.dataset == "cifar10":
+            put = f"the extracted cifar-10-batches-py folder in {data_dir}"
+        else:
+            put = f"the four IDX files (train-images-idx3-ubyte, ...) in {raw}"
+        name = cfg.dataset.upper()
+        raise UserError(f"--data-dir {data_dir}: {name} is missing or unreadable and could "
+                        f"not be downloaded ({type(e).__name__}); put {put}") from None
 
 def check_data(cfg, data_dir, images, labels, split="training"):
     """A data set as the network needs it: images of its size, one label 0..9 for each. Returns
@@ -1247,9 +1319,11 @@ def check_data(cfg, data_dir, images, labels, split="training"):
     C, H, W = IMAGE_SHAPES[cfg.dataset]
     want = (H, W) if C == 1 else (H, W, C)
     if len(images) == 0 or tuple(images.shape[1:]) != want:
-        raise UserError(f"--data-dir {data_dir}: its {cfg.dataset.upper()} {split} images are "
-                        f"{tuple(images.shape)}; the network takes (N, {', '.join(map(str, want))})")
-    if labels.shape != (len(images),) or labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        dims = ", ".join(map(str, want))
+        raise UserError(f"--data-dir {data_dir}: its {cfg.dataset.upper()} {split} images "
+                        f"are {tuple(images.shape)}; the network takes (N, {dims})")
+    one_each = labels.shape == (len(images),)
+    if not one_each or labels.min() < 0 or labels.max() >= NUM_CLASSES:
         raise UserError(f"--data-dir {data_dir}: its {split} labels do not match its images "
                         f"({len(labels)} labels for {len(images)} images; each must be 0..9)")
     return images, labels
@@ -1257,15 +1331,25 @@ def check_data(cfg, data_dir, images, labels, split="training"):
 def training_draw(cfg, data, labels, p, rank=0, world=1):
     """Alg. 1 lines 2-4 as this run draws them: Part I's, with II.4's flips and II.1's labels.
     Under torchrun every process draws the whole batch and keeps its own slice of it."""
-    part = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+    B = cfg.batch_size
+    # this process's share of the batch
+    part = slice(rank * B // world, (rank + 1) * B // world)
 
     def draw(idx):
-        x0 = to_model_range(data[idx])                                # (B, C, H, W) in [-1, 1]
+        x0 = to_model_range(data[idx])          # (B, C, H, W) in [-1, 1]
         x0 = random_hflip(x0, p.gen) if cfg.hflip else x0
-        y = drop_labels(labels[idx], cfg.p_uncond, cfg.num_classes, p.gen) if cfg.num_classes else None
-        b = flow_draw(x0, p.gen) if cfg.objective == "flow" else draw_batch(x0, p.schedule.T, p.gen)
-        b = b if y is None else LabelledBatch(b.x0, b.t, b.eps, y)
-        return b if world == 1 else type(b)(*(getattr(b, f.name)[part] for f in fields(b)))
+        y = None
+        if cfg.num_classes:
+            y = drop_labels(labels[idx], cfg.p_uncond, cfg.num_classes, p.gen)
+        if cfg.objective == "flow":
+            b = flow_draw(x0, p.gen)
+        else:
+            b = draw_batch(x0, p.schedule.T, p.gen)
+        if y is not None:
+            b = LabelledBatch(b.x0, b.t, b.eps, y)
+        if world == 1:
+            return b
+        return type(b)(*(getattr(b, f.name)[part] for f in fields(b)))
     return draw
 
 def training_loss(cfg):
@@ -1274,7 +1358,9 @@ def training_loss(cfg):
     loss_fn = flow_loss if cfg.objective == "flow" else diffusion_loss
     if cfg.num_classes:
         loss_fn = functools.partial(conditional_loss, loss_fn=loss_fn)
-    return min_snr_loss(cfg.min_snr_gamma, loss_fn) if cfg.min_snr_gamma else loss_fn
+    if cfg.min_snr_gamma:
+        loss_fn = min_snr_loss(cfg.min_snr_gamma, loss_fn)
+    return loss_fn
 
 def build_run(cfg, device, world=1, compile=False, graph=False):
     """Part I's build() with this run's network, schedule, loss and fast paths (fused AdamW,
@@ -1315,7 +1401,8 @@ def check_books(ckpt, params):
             raise ValueError(f"optimizer state for parameter {i!r}")
         for k in ("exp_avg", "exp_avg_sq"):
             v, want = state.get(k), params[i]
-            if not (isinstance(v, torch.Tensor) and v.shape == want.shape and v.dtype == want.dtype):
+            is_tensor = isinstance(v, torch.Tensor)
+            if not (is_tensor and v.shape == want.shape and v.dtype == want.dtype):
                 raise ValueError(f"optimizer {k} of parameter {i}")
 
 def restore(ckpt, p, path):
@@ -1378,13 +1465,16 @@ def open_books(args, cfg, p, ckpt, start, steps_per_epoch, total, rank, world):
     this invocation stops."""
     ck = ckpt or {}
     lock = None
-    if rank == 0:                    # first: a second train on the folder is refused before all else
+    # first: a second train on the folder is refused before all else
+    if rank == 0:
         Path(args.run_dir).mkdir(parents=True, exist_ok=True)
         lock = lock_folder(args.run_dir)
 
-    def saved(values):           # a checkpoint's sums go to process 0, whose totals they are
+    # a checkpoint's sums go to process 0, whose totals they are
+    def saved(values):
         return torch.tensor(values, device=p.gen.device) * (rank == 0)
-    bk = Books(cfg, p, Path(args.run_dir), args.data_dir, args.max_minutes, args.ckpt_every,
+    bk = Books(cfg, p, Path(args.run_dir), args.data_dir,
+               args.max_minutes, args.ckpt_every,
                steps_per_epoch, total, world, start,
                epoch_loss=saved(ck.get("epoch_loss_sum", 0.0)),
                bin_loss=saved(ck.get("bin_loss_sums", [0.0] * NOISE_BINS)),
@@ -1392,17 +1482,22 @@ def open_books(args, cfg, p, ckpt, start, steps_per_epoch, total, rank, world):
                history=ck.get("history", []), seconds=ck.get("seconds", 0.0),
                seconds0=ck.get("seconds", 0.0),
                last_good=start if ckpt else None, lock=lock, lead=rank == 0,
-               bar=progress_bar(total=total, initial=start, unit="step", disable=rank != 0))
+               bar=progress_bar(total=total, initial=start, unit="step",
+                                disable=rank != 0))
     if bk.lead:
         if args.overwrite:           # the old run's own files go, and nothing else
-            for f in sorted({f for pattern in RUN_FILES for f in bk.run_dir.glob(pattern)}):
+            old = {f for pattern in RUN_FILES for f in bk.run_dir.glob(pattern)}
+            for f in sorted(old):
                 f.unlink()
-        save_text(json.dumps(asdict(cfg), indent=2) + "\n", bk.run_dir / "config.json")
+        config_json = json.dumps(asdict(cfg), indent=2) + "\n"
+        save_text(config_json, bk.run_dir / "config.json")
     set_lr(p.opt, lr_at(start, cfg, cfg.epochs * steps_per_epoch))
 
-    def on_signal(signum, _):   # Ctrl-C, or SIGTERM (kill, timeout, Slurm, docker stop)
+    # Ctrl-C, or SIGTERM (kill, timeout, Slurm, docker stop)
+    def on_signal(signum, _):
         bk.interrupted, bk.signal = True, signum
-        signal.signal(signal.SIGINT, signal.default_int_handler)      # a second one kills
+        # a second one kills
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -1411,33 +1506,39 @@ def open_books(args, cfg, p, ckpt, start, steps_per_epoch, total, rank, world):
 def keep_books(bk, step, loss, t, err):
     """After step `step` (0-based): add it up, decide whether to stop, check the losses, save when
     it is time, and set the next step's lr. True when the run should stop."""
-    n, cfg, spe = step + 1, bk.cfg, bk.steps_per_epoch          # n: steps done
+    n = step + 1                                 # steps done
+    cfg, spe = bk.cfg, bk.steps_per_epoch
     add_step(bk, n, loss, t, err)
     stop = should_stop(bk, n)
-    save = n % spe == 0 or stop or (bk.ckpt_every and n % bk.ckpt_every == 0)
+    ckpt_due = bk.ckpt_every and n % bk.ckpt_every == 0
+    save = n % spe == 0 or stop or ckpt_due
     if len(bk.recent) == LOSS_CHECK_EVERY or save:
         check_losses(bk, n)
     bk.seconds = bk.seconds0 + time.time() - bk.t_open
     if save:
         save_books(bk, n)
-    set_lr(bk.p.opt, lr_at(n, cfg, cfg.epochs * spe))           # the horizon is --epochs, not --max-steps
+    # the horizon is --epochs, not --max-steps
+    set_lr(bk.p.opt, lr_at(n, cfg, cfg.epochs * spe))
     return stop
 
 def add_step(bk, n, loss, t, err):
     """The step's loss into the epoch's sum, each image's error into its quarter of t."""
     bk.done = n
-    bk.epoch_loss += loss / bk.world                            # each process's loss is of its share
-    bins = noise_bin(t, bk.cfg)                                 # (B,) in 0..3; index_add_, unlike
-    bk.bin_loss.index_add_(0, bins, err)                        # bincount, never waits for the GPU
+    bk.epoch_loss += loss / bk.world             # each process's loss is of its share
+    bins = noise_bin(t, bk.cfg)                  # (B,) in 0..3
+    # index_add_, unlike bincount, never waits for the GPU
+    bk.bin_loss.index_add_(0, bins, err)
     bk.bin_count.index_add_(0, bins, torch.ones_like(err))
     bk.recent.append(loss)
 
 def should_stop(bk, n):
     """At the last step; or at --max-minutes, Ctrl-C or SIGTERM, which several processes agree on
     every LOSS_CHECK_EVERY steps, so that none waits alone in a collective."""
-    late = bk.max_minutes is not None and time.time() - bk.t_open > 60 * bk.max_minutes
+    limit = bk.max_minutes
+    late = limit is not None and time.time() - bk.t_open > 60 * limit
     if bk.world > 1 and n % LOSS_CHECK_EVERY == 0:
-        votes = torch.tensor([float(bk.interrupted), float(late)], device=bk.epoch_loss.device)
+        flags = [float(bk.interrupted), float(late)]
+        votes = torch.tensor(flags, device=bk.epoch_loss.device)
         votes = all_sum(votes, bk.world)
         bk.interrupted, late = bool(votes[0]), bool(votes[1])
     if n >= bk.total:
@@ -1449,12 +1550,14 @@ def save_books(bk, n):
     loss.csv and grid: the checkpoint first, so a grid that fails loses no training."""
     cfg, spe = bk.cfg, bk.steps_per_epoch
     sums = (bk.epoch_loss, bk.bin_loss, bk.bin_count)
-    for total in sums:                                          # the totals, on process 0 alone
+    # the totals, on process 0 alone
+    for total in sums:
         total.copy_(all_sum(total, bk.world) * bk.lead)
     if n % spe == 0:
         by_t = (bk.bin_loss / bk.bin_count.clamp(min=1)).tolist()
+        mean_loss = bk.epoch_loss.item() / spe
         bk.history.append(dict(epoch=n // spe, step=n, seconds=bk.seconds,
-                               mean_loss=bk.epoch_loss.item() / spe, loss_by_t=by_t))
+                               mean_loss=mean_loss, loss_by_t=by_t))
         for total in sums:
             total.zero_()
     if bk.lead:
@@ -1462,40 +1565,57 @@ def save_books(bk, n):
     bk.last_good = n
     if bk.lead and n % spe == 0:
         write_loss_csv(bk.history, bk.run_dir / "loss.csv", cfg)
-        if cfg.grid_n:              # after the checkpoint: resume with a smaller --grid-n
+        # after the checkpoint: resume with a smaller --grid-n
+        if cfg.grid_n:
+            grid = bk.run_dir / f"grid_epoch{n // spe:03d}.png"
             with blame("--grid-n", bk.p.gen.device):
-                epoch_grid(bk.p, cfg, bk.run_dir / f"grid_epoch{n // spe:03d}.png")
+                epoch_grid(bk.p, cfg, grid)
 
 def last_checkpoint(bk):
     if bk.last_good is None:
         return "no checkpoint was written"
-    return f"the last good checkpoint is {bk.run_dir / 'ckpt.pt'} (step {bk.last_good})"
+    ckpt = bk.run_dir / "ckpt.pt"
+    return f"the last good checkpoint is {ckpt} (step {bk.last_good})"
 
 def check_losses(bk, n):
     """Stop at the first NaN or infinite loss since the last check, naming its step."""
-    recent = all_sum(torch.stack(bk.recent), bk.world) / bk.world          # (k,): the whole batch's losses
+    # (k,): the whole batch's losses
+    recent = all_sum(torch.stack(bk.recent), bk.world) / bk.world
     bad = (~torch.isfinite(recent)).nonzero()
     if len(bad):
         end_run(bk)
         if bk.lead:
-            note(f"error: the loss became NaN or infinite at step {n - len(bk.recent) + int(bad[0]) + 1}; "
+            bad_step = n - len(bk.recent) + int(bad[0]) + 1
+            note(f"error: the loss became NaN or infinite at step {bad_step}; "
                  f"{last_checkpoint(bk)}. Try a smaller --lr, or --precision fp32.")
         leave(1, bk.world)
+    mean_loss = recent.mean().item()
     # images/s of this invocation: tqdm's own rate stays unset until a redraw, a minute into a log
-    bk.bar.set_postfix(loss=f"{recent.mean().item():.4f}", refresh=False,     # tqdm redraws at its own pace
-                       img_s=f"{(n - bk.start) * bk.cfg.batch_size / max(time.time() - bk.t_open, 1e-9):.0f}")
+    images = (n - bk.start) * bk.cfg.batch_size
+    seconds = max(time.time() - bk.t_open, 1e-9)
+    # refresh=False: tqdm redraws at its own pace
+    bk.bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images / seconds:.0f}",
+                       refresh=False)
     bk.bar.update(len(bk.recent))
     bk.recent = []
 
 def save_checkpoint(bk, step):
-    p, scaler, dev = bk.p, getattr(bk.p.opt, "scaler", None), bk.p.gen.device
-    atomic_write(bk.run_dir / "ckpt.pt", lambda f: torch.save(dict(
-        config=asdict(bk.cfg), model=p.model.state_dict(), ema=p.ema.state_dict(), opt=portable_optimizer_state(p.opt),
-        scaler=scaler.state_dict() if scaler else {}, step=step, rng=p.gen.get_state(),
-        steps_per_epoch=bk.steps_per_epoch, epoch_loss_sum=bk.epoch_loss.item(),
-        bin_loss_sums=bk.bin_loss.tolist(), bin_counts=bk.bin_count.tolist(),
-        history=bk.history, seconds=bk.seconds, versions=dict(torch=str(torch.__version__)),
-        device=f"cuda ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else dev.type), f))
+    p, dev = bk.p, bk.p.gen.device
+    scaler = getattr(p.opt, "scaler", None)
+    if dev.type == "cuda":
+        device = f"cuda ({torch.cuda.get_device_name(dev)})"
+    else:
+        device = dev.type
+    ckpt = dict(config=asdict(bk.cfg),
+                model=p.model.state_dict(), ema=p.ema.state_dict(),
+                opt=portable_optimizer_state(p.opt),
+                scaler=scaler.state_dict() if scaler else {},
+                step=step, rng=p.gen.get_state(), steps_per_epoch=bk.steps_per_epoch,
+                epoch_loss_sum=bk.epoch_loss.item(),
+                bin_loss_sums=bk.bin_loss.tolist(), bin_counts=bk.bin_count.tolist(),
+                history=bk.history, seconds=bk.seconds,
+                versions=dict(torch=str(torch.__version__)), device=device)
+    atomic_write(bk.run_dir / "ckpt.pt", lambda f: torch.save(ckpt, f))
 
 def resume_command(bk):
     """The command that continues this run, quoted for a shell."""
@@ -1518,9 +1638,11 @@ def close_books(bk):
         note(f"interrupted: saved {ckpt} at step {bk.done}; continue with\n"
              f"  {resume_command(bk)}")
     elif bk.lead:
-        print(f"saved {ckpt} at step {bk.done} ({bk.seconds:.0f} s of training)"
-              + ("; continue with --resume" if bk.done < bk.cfg.epochs * bk.steps_per_epoch else ""))
-    leave(128 + bk.signal if bk.interrupted else None, bk.world)   # 130 Ctrl-C, 143 SIGTERM
+        unfinished = bk.done < bk.cfg.epochs * bk.steps_per_epoch
+        more = "; continue with --resume" if unfinished else ""
+        print(f"saved {ckpt} at step {bk.done} ({bk.seconds:.0f} s of training){more}")
+    code = 128 + bk.signal if bk.interrupted else None   # 130 Ctrl-C, 143 SIGTERM
+    leave(code, bk.world)
 
 def noise_bin(t, cfg):
     """Each image's quarter of the noise levels, 0..NOISE_BINS-1: of the indices 0..T-1, or of a
@@ -1532,16 +1654,21 @@ def noise_bin(t, cfg):
 def noise_bin_names(cfg):
     """loss.csv's columns for noise_bin's quarters, in the paper's t (or the flow's time)."""
     if cfg.objective == "flow":
-        return [f"loss_t{b / NOISE_BINS:.2f}-{(b + 1) / NOISE_BINS:.2f}" for b in range(NOISE_BINS)]
-    T = cfg.T
-    return [f"loss_t{b * T // NOISE_BINS + 1}-{(b + 1) * T // NOISE_BINS}" for b in range(NOISE_BINS)]
+        edges = [b / NOISE_BINS for b in range(NOISE_BINS + 1)]    # times in [0, 1]
+        return [f"loss_t{lo:.2f}-{hi:.2f}" for lo, hi in zip(edges, edges[1:])]
+    edges = [b * cfg.T // NOISE_BINS for b in range(NOISE_BINS + 1)]  # indices 0..T
+    # the paper's t is the index + 1
+    return [f"loss_t{lo + 1}-{hi}" for lo, hi in zip(edges, edges[1:])]
 
 def write_loss_csv(history, path, cfg):
     bins = noise_bin_names(cfg)
     lines = [",".join(["epoch", "step", "mean_loss", "seconds", *bins])]
-    for row in history:        # numbers only, so no field needs quoting; loss_by_t is absent in old runs
-        lines.append(",".join([str(row["epoch"]), str(row["step"]), f"{row['mean_loss']:.6f}", f"{row['seconds']:.1f}",
-                               *(f"{v:.6f}" for v in row.get("loss_by_t", []))]))
+    # numbers only, so no field needs quoting; loss_by_t is absent in old runs
+    for row in history:
+        cells = [str(row["epoch"]), str(row["step"]),
+                 f"{row['mean_loss']:.6f}", f"{row['seconds']:.1f}"]
+        cells += [f"{v:.6f}" for v in row.get("loss_by_t", [])]
+        lines.append(",".join(cells))
     save_text("\n".join(lines) + "\n", path)
 
 def digit_rows(n, ncol, num_classes):
@@ -1551,11 +1678,14 @@ def digit_rows(n, ncol, num_classes):
 def epoch_grid(p, cfg, path):
     """EMA samples from the same starting noise every epoch, so the grids show progress."""
     device = p.schedule.betas.device
-    x_T = torch.randn(cfg.grid_n, *IMAGE_SHAPES[cfg.dataset], generator=torch.Generator().manual_seed(cfg.seed + 1))
-    eps_model = Autocast(p.ema, device, choose_precision(device, cfg.precision)[0])
-    if cfg.num_classes:                      # a conditional run: one digit per row of the grid
-        eps_model = guided(eps_model, digit_rows(cfg.grid_n, GRID_COLUMNS, cfg.num_classes).to(device),
-                           DEFAULT_GUIDANCE, cfg.num_classes)
+    same_noise = torch.Generator().manual_seed(cfg.seed + 1)
+    x_T = torch.randn(cfg.grid_n, *IMAGE_SHAPES[cfg.dataset], generator=same_noise)
+    dtype = choose_precision(device, cfg.precision)[0]
+    eps_model = Autocast(p.ema, device, dtype)
+    # a conditional run: one digit per row of the grid
+    if cfg.num_classes:
+        digits = digit_rows(cfg.grid_n, GRID_COLUMNS, cfg.num_classes).to(device)
+        eps_model = guided(eps_model, digits, DEFAULT_GUIDANCE, cfg.num_classes)
     x_T = x_T.to(device)
     if cfg.objective == "flow":
         x0 = flow_sample(eps_model, x_T)
