@@ -1106,10 +1106,6 @@ def trained_note(r):
         text += f" in {r['seconds'] / 60:.1f} min"
     return text + f" on {r.get('device') or 'an unrecorded device'}"
 
-def portable_optimizer_state(opt):
-    """The optimizer's state as a checkpoint keeps it."""
-    return opt.state_dict()
-
 def set_lr(opt, lr):
     for g in opt.param_groups:
         g["lr"] = lr
@@ -1608,7 +1604,7 @@ def save_checkpoint(bk, step):
         device = dev.type
     ckpt = dict(config=asdict(bk.cfg),
                 model=p.model.state_dict(), ema=p.ema.state_dict(),
-                opt=portable_optimizer_state(p.opt),
+                opt=p.opt.state_dict(),
                 scaler=scaler.state_dict() if scaler else {},
                 step=step, rng=p.gen.get_state(), steps_per_epoch=bk.steps_per_epoch,
                 epoch_loss_sum=bk.epoch_loss.item(),
