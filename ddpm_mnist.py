@@ -1130,13 +1130,15 @@ def choose_precision(device, precision="auto"):
         if major == 7:   # V100, T4: bf16 is emulated there (slow); fp16 tensor cores are not
             return torch.float16, f"{cc} has fp16 tensor cores but only emulated bf16"
         return None, f"{cc} has no tensor cores"
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16, "this CPU runs bf16 natively (AVX512-BF16 or AMX)"
     if device.type == "cpu":
-        return (torch.bfloat16, "this CPU runs bf16 natively (AVX512-BF16 or AMX)") if cpu_has_bf16() else \
-            (None, "this CPU has no native bf16")
+        return None, "this CPU has no native bf16"
     return None, f"fp32 on {device.type} (autocast there not measured)"
 
 def cpu_has_bf16():
-    try:                  # a private oneDNN query: a CPU build without it (or where it fails) runs fp32
+    # a private oneDNN query: a CPU build without it (or where it fails) runs fp32
+    try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:
         return False
@@ -1186,7 +1188,8 @@ def scale_loss(loss_fn, scaler):
 
 def set_fast_math(device):
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # fp32 on tensor cores
+        # fp32 matmuls and convolutions on the tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         # Shapes never change, so let cuDNN time its kernels once and keep the fastest. The price:
         # the chosen kernel may be non-deterministic, so on CUDA a resumed run matches an
         # uninterrupted one up to float rounding, not bitwise (bitwise on the CPU).
@@ -1198,21 +1201,28 @@ def resolve_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available() or name == "mps" and not mps:
-        raise UserError(f"--device {name}: not available on this machine; use --device cpu or auto")
-    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+        raise UserError(f"--device {name}: not available on this machine; use --device cpu "
+                        "or auto")
+    count = torch.cuda.device_count()
+    if name.startswith("cuda:") and int(name[5:]) >= count:
+        raise UserError(f"--device {name}: this machine has {count} CUDA devices")
     return torch.device(name)
 
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")
+
 @contextlib.contextmanager
-def blame(flag, device):
-    """A failed allocation in the block becomes one line naming the flag that sized it."""
+def blame(flag, device, also=None):
+    """A failed allocation in the block becomes one line naming the flag that sized it, and
+    `also`, another flag that did (the network's widths, beside the batch)."""
     try:
         yield
     except (MemoryError, RuntimeError) as e:
-        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and \
-                not any(s in str(e) for s in ("out of memory", "can't allocate memory", "not enough memory")):
+        oom = isinstance(e, (MemoryError, torch.OutOfMemoryError))
+        if not (oom or any(s in str(e) for s in OUT_OF_MEMORY)):
             raise
-        raise UserError(f"{flag}: needs more memory than {device} can allocate; try a smaller value") from None
+        smaller = f"a smaller {flag}" + (f" or {also}" if also else "")
+        raise UserError(f"{flag}: needs more memory than {device} can allocate; "
+                        f"try {smaller}") from None
 
 # -----------------------------------------------------------------------------
 # III.5 Several processes, through torchrun: every process draws the whole batch from the same
@@ -1415,8 +1425,9 @@ def restore(ckpt, p, path):
             p.opt.scaler.load_state_dict(ckpt["scaler"])
         p.gen.set_state(ckpt["rng"])
     except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
-        raise UserError(f"--resume: {path}: its training state does not fit this run ({type(e).__name__}: "
-                        f"{(str(e).strip().splitlines() or [''])[0][:120]})") from None
+        why = (str(e).strip().splitlines() or [""])[0][:120]
+        raise UserError(f"--resume: {path}: its training state does not fit this run "
+                        f"({type(e).__name__}: {why})") from None
     return ckpt["step"]
 
 # The loss by noise level, as improved-diffusion logs it: the mean loss of the steps whose t fell
@@ -2077,7 +2088,10 @@ def denoising_gif(eps_model, schedule, x_T, sampler, generator, path, ms=80, hol
     return len(frames)
 
 # -----------------------------------------------------------------------------
-# III.11 bench: what a step costs in each mode, clocks synchronized with the GPU, after a warm-up.
+# III.11 bench: what a step costs in each mode, clocks synchronized with the GPU, after a
+# warm-up.
+
+RECIPE_IMAGES = 50 * (TRAIN_IMAGES["mnist"] // 128) * 128     # the case study's 50 epochs
 
 def timed(fn, device):
     """Wall-clock seconds of fn(), the GPU's queue drained before and after."""
@@ -2088,50 +2102,77 @@ def timed(fn, device):
     sync()
     return time.perf_counter() - t0
 
+def forward_gflop(cfg, device):
+    """GFLOP of one image's forward pass, as torch's FLOP counter counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+    shape = IMAGE_SHAPES[cfg.dataset]
+    x, t = torch.randn(2, *shape, device=device), torch.zeros(2, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as fc:
+        make_unet(cfg).to(device)(x, t)
+    return fc.get_total_flops() / 2e9
+
+def time_steps(cfg, data, device, mode, reps):
+    """(the run's Parts, seconds of warm-up, seconds a step): `reps` steps of Part I's loop
+    timed after the first ones, which allocate, search kernels and compile."""
+    graph = "graph" in mode
+    p, loss_fn = build_run(cfg, device, compile="compiled" in mode, graph=graph)
+    warm, marks = GRAPH_WARMUP if graph else 3, []
+
+    def on_step(step, *_):
+        if step + 1 in (warm, warm + reps):
+            timed(lambda: None, device)            # the GPU's queue drained
+            marks.append(time.perf_counter())
+        return step + 1 >= warm + reps
+    t0 = time.perf_counter()
+    train(cfg, data, p, 0, on_step, training_draw(cfg, data, None, p), loss_fn)
+    return p, marks[0] - t0, (marks[1] - marks[0]) / reps
+
+def time_samplers(p, cfg, device, mode):
+    """Seconds for DDIM-50 and DDPM-T on one batch, with the mode's fast path."""
+    dtype = choose_precision(device, cfg.precision)[0]
+    compile = "compiled" in mode
+    eps_model = fast_eps_model(Autocast(p.ema, device, dtype), device, compile, "graph" in mode)
+    x_T = torch.randn(cfg.batch_size, *IMAGE_SHAPES[cfg.dataset], device=device)
+    Sampler("ddim", GRAPH_WARMUP)(eps_model, p.schedule, x_T)    # compile, record
+
+    def run(sampler):
+        return timed(lambda: sampler(eps_model, p.schedule, x_T), device)
+    if device.type == "cuda":
+        return [run(Sampler()), run(Sampler("ddpm", cfg.T))]
+    step_s = run(Sampler("ddim", 5)) / 5      # 1000 steps take minutes on a CPU: extrapolated
+    return [50 * step_s, cfg.T * step_s]
+
 def bench(cfg, device, reps=5, modes=("eager",)):
     """The training step in each mode side by side (the warm-up holds compile and capture), and
     both samplers for a batch."""
     set_fast_math(device)
-    cfg, shape, B = replace(cfg, epochs=10 ** 6), IMAGE_SHAPES[cfg.dataset], cfg.batch_size   # room for any steps
-    data = to_uint8(torch.rand(2 * B, *shape, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
+    cfg, B = replace(cfg, epochs=10 ** 6), cfg.batch_size          # room for any steps
+    noise = torch.rand(2 * B, *IMAGE_SHAPES[cfg.dataset], generator=torch.Generator().manual_seed(0))
+    data = to_uint8(noise * 2 - 1).to(device)
     dtype, why = choose_precision(device, cfg.precision)
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"device {device} ({card}), {PRECISION_NAMES[dtype]} ({why}), batch {B}, torch {torch.__version__}")
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as fc:
-        make_unet(cfg).to(device)(torch.randn(2, *shape, device=device), torch.zeros(2, dtype=torch.long, device=device))
-    gflop, recipe = fc.get_total_flops() / 2e9, 50 * (TRAIN_IMAGES["mnist"] // 128) * 128   # per image; images
-    print(f"{'mode':17} {'warm-up s':>9} {'ms/step':>8} {'images/s':>9} {'TFLOP/s':>8} {'50 epochs':>9} "
-          f"{'DDIM-50 s':>9} {'DDPM-1000 s':>11}  (sampling: one batch)")
+    if device.type == "cuda":
+        card = torch.cuda.get_device_name(device)
+    else:
+        card = f"{torch.get_num_threads()} threads"
+    print(f"device {device} ({card}), {PRECISION_NAMES[dtype]} ({why}), batch {B}, "
+          f"torch {torch.__version__}")
+    gflop = forward_gflop(cfg, device)
+    print(f"{'mode':17} {'warm-up s':>9} {'ms/step':>8} {'images/s':>9} {'TFLOP/s':>8} "
+          f"{'50 epochs':>9} {'DDIM-50 s':>9} {'DDPM-1000 s':>11}  (sampling: one batch)")
     for mode in modes:
-        if "graph" in mode and graph_unsupported(device):
-            print(f"{mode:17} not possible: {graph_unsupported(device)}")
+        why_not = graph_unsupported(device) if "graph" in mode else None
+        if why_not:
+            print(f"{mode:17} not possible: {why_not}")
             continue
-        graph = "graph" in mode
-        p, loss_fn = build_run(cfg, device, compile="compiled" in mode, graph=graph)
-        draw, warm, marks = training_draw(cfg, data, None, p), GRAPH_WARMUP if graph else 3, []
-
-        def on_step(step, *_):                         # the first steps allocate, search and compile
-            if step + 1 in (warm, warm + reps):
-                timed(lambda: None, device)            # the GPU's queue drained
-                marks.append(time.perf_counter())
-            return step + 1 >= warm + reps
-        t0 = time.perf_counter()
-        train(cfg, data, p, 0, on_step, draw, loss_fn)
-        step_s = (marks[1] - marks[0]) / reps
-        eps_model = fast_eps_model(Autocast(p.ema, device, dtype), device,
-                                   "compiled" in mode, graph)
-        x_T = torch.randn(B, *shape, device=device)
-        Sampler("ddim", GRAPH_WARMUP)(eps_model, p.schedule, x_T)    # compile, record
-        if device.type == "cuda":
-            secs = [timed(lambda: s(eps_model, p.schedule, x_T), device) for s in (Sampler(), Sampler("ddpm", cfg.T))]
-        else:                        # 1000 steps take minutes on a CPU: 5 timed once and extrapolated
-            sampler_step_s = timed(lambda: Sampler("ddim", 5)(eps_model, p.schedule, x_T), device) / 5
-            secs = [k * sampler_step_s for k in (50, cfg.T)]
-        print(f"{mode:17} {marks[0] - t0:9.1f} {1e3 * step_s:8.1f} {B / step_s:9,.0f} {3 * gflop * B / step_s / 1e3:8.2f}"
-              f" {recipe * step_s / B / 60:7.1f} m {secs[0]:9.2f} {secs[1]:11.2f}")
-    print(f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}; {gflop:.3f} GFLOP forward per image,"
-          f" TFLOP/s counts 3 x that" + ("" if device.type == "cuda" else "; sampling extrapolated from 5 steps"))
+        p, warm_s, step_s = time_steps(cfg, data, device, mode, reps)
+        ddim_s, ddpm_s = time_samplers(p, cfg, device, mode)
+        tflop_s = 3 * gflop * B / step_s / 1e3          # forward and backward: 3 forwards
+        recipe_min = RECIPE_IMAGES * step_s / B / 60
+        print(f"{mode:17} {warm_s:9.1f} {1e3 * step_s:8.1f} {B / step_s:9,.0f} {tflop_s:8.2f}"
+              f" {recipe_min:7.1f} m {ddim_s:9.2f} {ddpm_s:11.2f}")
+    extrapolated = "" if device.type == "cuda" else "; sampling extrapolated from 5 steps"
+    print(f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}; {gflop:.3f} "
+          f"GFLOP forward per image, TFLOP/s counts 3 x that" + extrapolated)
 
 # -----------------------------------------------------------------------------
 # III.12 The command line: a parser per command, the flags several commands share added by one
@@ -2502,50 +2543,79 @@ def flow_settings(preset, given):
 
 def cmd_train(args):
     cfg, ckpt = train_config(args)
-    run_dir = Path(args.run_dir)
-    existing = next(a for a in [run_dir, *run_dir.parents] if a.exists())    # train makes it and its parents
-    if not existing.is_dir() or not writable(existing):
-        raise UserError(f"--run-dir {args.run_dir}: {existing} is "
-                        f"{'a file' if not existing.is_dir() else 'not writable'}")
+    check_run_folder(args.run_dir)
     device, rank, world = start_processes(args, cfg)
     set_fast_math(device)
     images, labels = read_data(cfg, args.data_dir)
-    spe = len(images) // cfg.batch_size
+    spe, total = plan_steps(args, cfg, ckpt, len(images))
+    graph, step = fast_path(args, device, world)
+    with blame("--batch-size", device, also="--channels"):
+        p, loss_fn = build_run(cfg, device, world, args.compile, graph)
+        start = restore(ckpt, p, Path(args.run_dir) / "ckpt.pt") if ckpt else 0
+    if rank == 0:
+        dtype, why = choose_precision(device, cfg.precision)
+        precision = f"{PRECISION_NAMES[dtype]} ({why})"
+        resumed_at = start if ckpt else None
+        describe_run(cfg, p, device, world, precision, spe, resumed_at, step)
+    bk = open_books(args, cfg, p, ckpt, start, spe, total, rank, world)
+    run_steps(bk, images, labels, loss_fn, rank)
+    close_books(bk)
+
+def check_run_folder(run_dir):
+    """train makes the folder and its parents: the nearest that exists must be a writable
+    folder."""
+    folder = Path(run_dir)
+    existing = next(a for a in [folder, *folder.parents] if a.exists())
+    if not existing.is_dir():
+        raise UserError(f"--run-dir {run_dir}: {existing} is a file")
+    if not writable(existing):
+        raise UserError(f"--run-dir {run_dir}: {existing} is not writable")
+
+def plan_steps(args, cfg, ckpt, n_images):
+    """(steps per epoch, the step this invocation stops at), refused where there is no step to
+    take or the data is not the run's."""
+    spe = n_images // cfg.batch_size
     if ckpt and ckpt.get("steps_per_epoch", spe) != spe:
-        raise UserError(f"--data-dir {args.data_dir}: {len(images)} training images make {spe} steps "
-                        f"an epoch, and the run took {ckpt['steps_per_epoch']}; resume it on its own data")
+        raise UserError(f"--data-dir {args.data_dir}: {n_images} training images make {spe} "
+                        f"steps an epoch, and the run took {ckpt['steps_per_epoch']}; resume "
+                        "it on its own data")
+    if spe == 0:
+        raise UserError(f"--batch-size {cfg.batch_size}: larger than the {n_images} "
+                        "training images")
     total = min(args.max_steps or math.inf, cfg.epochs * spe)
-    if spe == 0 or ckpt and isinstance(ckpt["step"], int) and ckpt["step"] >= total:
-        raise UserError(f"--batch-size {cfg.batch_size}: larger than the {len(images)} training images" if spe == 0
-                        else f"--resume: {run_dir / 'ckpt.pt'} is at step {ckpt['step']} already; give more --epochs "
-                             f"(or a larger --max-steps) than the {total} steps asked for")
-    dtype, why = choose_precision(device, cfg.precision)
-    why_not = graph_unsupported(device, world) if args.cuda_graph else "not asked for"
-    graph = not why_not
+    if ckpt and isinstance(ckpt["step"], int) and ckpt["step"] >= total:
+        raise UserError(f"--resume: {Path(args.run_dir) / 'ckpt.pt'} is at step "
+                        f"{ckpt['step']} already; give more --epochs (or a larger --max-steps) "
+                        f"than the {total} steps asked for")
+    return spe, total
+
+def fast_path(args, device, world):
+    """(whether to replay CUDA graphs, how a step runs, in words)."""
+    why_not = graph_unsupported(device, world) if args.cuda_graph else None
+    graph = args.cuda_graph and not why_not
     step = "compiled" if args.compile or graph else "eager"
     if graph:
         step += " and replayed from CUDA graphs"
     elif args.cuda_graph:
         step += f" (--cuda-graph: {why_not})"
-    with blame("--batch-size", device):
-        p, loss_fn = build_run(cfg, device, world, args.compile, graph)
-        start = restore(ckpt, p, run_dir / "ckpt.pt") if ckpt else 0
-        if rank == 0:
-            describe_run(cfg, p, device, world, f"{PRECISION_NAMES[dtype]} ({why})", spe,
-                         start if ckpt else None, step)
-        bk = open_books(args, cfg, p, ckpt, start, spe, total, rank, world)
-        data = images.to(device)
-        draw = training_draw(cfg, data, labels.to(device), p, rank, world)
-        try:
+    return graph, step
+
+def run_steps(bk, images, labels, loss_fn, rank):
+    """Part I's loop with this run's draws and books. A full disk, or a step or grid out of
+    memory, stops the run with exit code 1 and names its last checkpoint."""
+    cfg, p, device = bk.cfg, bk.p, bk.p.gen.device
+    try:
+        with blame("--batch-size", device, also="--channels"):
+            data = images.to(device)
+            draw = training_draw(cfg, data, labels.to(device), p, rank, bk.world)
             on_step = functools.partial(keep_books, bk)
             train(cfg, data, p, bk.start, on_step, draw, loss_fn)
-        except (OSError, UserError) as e:   # a full disk, a grid too large: the run stops, kept
-            end_run(bk)
-            if bk.lead:
-                why = os_reason(e) if isinstance(e, OSError) else str(e)
-                note(f"error: {why}; {last_checkpoint(bk)}")
-            leave(1, world)
-    close_books(bk)
+    except (OSError, UserError) as e:
+        end_run(bk)
+        if bk.lead:
+            why = os_reason(e) if isinstance(e, OSError) else str(e)
+            note(f"error: {why}; {last_checkpoint(bk)}")
+        leave(1, bk.world)
 
 def describe_run(cfg, p, device, world, precision, spe, resumed_at, step):
     """train's first lines: how the recipe departs from the case study's, then the run."""
@@ -2614,12 +2684,15 @@ def load_for_sampling(args, out, suffix, folder=False, classifier=None):
     device, ckpt = resolve_device(args.device), load_checkpoint(path)
     model, cfg = model_from_checkpoint(ckpt, args.weights)
     if classifier is not None and cfg.dataset != "mnist":
-        raise UserError(f"--ckpt {path}: a {cfg.dataset} model, and evaluate/compare score digits with an MNIST "
-                        "classifier; for CIFAR-10 write PNGs (sample --format png-dir --n 50000) and use pytorch-fid "
-                        "or clean-fid against the CIFAR-10 training set, as the DDPM paper measured")
+        raise UserError(f"--ckpt {path}: a {cfg.dataset} model, and evaluate/compare score "
+                        "digits with an MNIST classifier; for CIFAR-10 write PNGs (sample "
+                        "--format png-dir --n 50000) and use pytorch-fid or clean-fid against "
+                        "the CIFAR-10 training set, as the DDPM paper measured")
     if args.ckpt is None and path == SHIPPED_CKPT:
-        note(f"note: no {DEFAULT_CKPT} yet, so using the committed weights samples/ema_fp16.pt (preset {cfg.preset}, "
-             f"{cfg.dataset.upper()}, {trained_note(ckpt.get('trained'))}); `python ddpm_mnist.py train` makes your own")
+        trained = trained_note(ckpt.get("trained"))
+        note(f"note: no {DEFAULT_CKPT} yet, so using the committed weights samples/ema_fp16.pt "
+             f"(preset {cfg.preset}, {cfg.dataset.upper()}, {trained}); "
+             "`python ddpm_mnist.py train` makes your own")
     dtype = choose_precision(device, args.precision)[0]
     eps_model = Autocast(model.to(device), device, dtype)
     eps_model = fast_eps_model(eps_model, device, args.compile, args.cuda_graph)
@@ -2792,12 +2865,13 @@ def compare_guidance(args, eps_model, schedule, cfg):
                         col_labels=[f"s={r['name']}" for r in rows])
 
 def cmd_bench(args):
-    cfg = replace(PRESETS[args.preset], precision=args.precision, batch_size=args.batch_size,
-                  **({"channels": args.channels} if args.channels else {}))
+    cfg = replace(PRESETS[args.preset], precision=args.precision, batch_size=args.batch_size)
+    if args.channels:
+        cfg = replace(cfg, channels=args.channels)
     device = resolve_device(args.device)
-    with blame("--batch-size", device):
-        modes = ["eager"] + ["compiled"] * args.compile
-        bench(cfg, device, args.reps, modes + ["compiled + graph"] * args.cuda_graph)
+    modes = ["eager"] + ["compiled"] * args.compile + ["compiled + graph"] * args.cuda_graph
+    with blame("--batch-size", device, also="--channels"):
+        bench(cfg, device, args.reps, modes)
 
 def cmd_forward(args):
     check_out("--out", args.out, ".png")
