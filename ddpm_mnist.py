@@ -1761,8 +1761,10 @@ def first_line(e):
 @dataclass
 class Sampler:
     """Which sampler, and how: what `sample`, `evaluate` and the pictures pass around."""
-    name: str = "ddim"           # "ddpm": Alg. 2, all T steps; "ddim": `steps` jumps;
-    steps: int = DDIM_STEPS      # "dpm++": II.6's solver; "euler": a flow model's (II.7)
+    # "ddpm": Alg. 2, all T steps; "ddim": `steps` jumps;
+    # "dpm++": II.6's solver; "euler": a flow model's (II.7)
+    name: str = "ddim"
+    steps: int = DDIM_STEPS
     eta: float = 0.0
     clip_x0: bool = True
 
@@ -1782,7 +1784,8 @@ class Sampler:
                                      on_step=on_step)
         if self.name == "euler":
             return flow_sample(eps_model, x_T, self.steps, on_step)
-        return ddim_sample(eps_model, schedule, x_T, self.steps, self.eta, self.clip_x0, generator, on_step)
+        return ddim_sample(eps_model, schedule, x_T, self.steps, self.eta, self.clip_x0,
+                           generator, on_step)
 
 def fast_eps_model(eps_model, device, compile=False, graph=False):
     """The sampling commands' --compile and --cuda-graph: the network compiled, and replayed
@@ -1801,20 +1804,29 @@ class Guidance:
     null_label: int              # the network's "no label", its num_classes
 
     def eps_model_for(self, eps_model, device, start=0, stop=None):
-        return guided(eps_model, self.labels[start:stop].to(device), self.scale, self.null_label)
+        """eps_model guided towards the labels of samples [start, stop)."""
+        labels = self.labels[start:stop].to(device)
+        return guided(eps_model, labels, self.scale, self.null_label)
 
 def generate(eps_model, schedule, sampler, shape, seed=0, batch_size=256, guidance=None):
     """shape[0] samples as uint8 (N, H, W[, 3]), in batches. x_T comes from a CPU generator,
     so the same seed gives the same starting noise on every device."""
     n, device = shape[0], schedule.betas.device
-    g_noise, g_step = torch.Generator().manual_seed(seed), torch.Generator(device).manual_seed(seed + 1)
+    # x_T from the CPU's generator; the noise the steps add from the device's
+    g_noise = torch.Generator().manual_seed(seed)
+    g_step = torch.Generator(device).manual_seed(seed + 1)
+    steps = math.ceil(n / batch_size) * len(sampler.timesteps(schedule.T))
+    desc = f"{sampler.name} x{n}"
     out = []
-    with progress_bar(total=math.ceil(n / batch_size) * len(sampler.timesteps(schedule.T)), unit="step",
-                      desc=f"{sampler.name} x{n}", leave=False) as bar:
+    with progress_bar(total=steps, unit="step", desc=desc, leave=False) as bar:
         for start in range(0, n, batch_size):
-            x_T = torch.randn(min(batch_size, n - start), *shape[1:], generator=g_noise).to(device)
-            model = guidance.eps_model_for(eps_model, device, start, start + len(x_T)) if guidance else eps_model
-            out.append(to_uint8(sampler(model, schedule, x_T, g_step, on_step=lambda *_: bar.update())).cpu())
+            size = min(batch_size, n - start)
+            x_T = torch.randn(size, *shape[1:], generator=g_noise).to(device)
+            model = eps_model
+            if guidance:
+                model = guidance.eps_model_for(eps_model, device, start, start + size)
+            x_0 = sampler(model, schedule, x_T, g_step, on_step=lambda *_: bar.update())
+            out.append(to_uint8(x_0).cpu())
     return torch.cat(out)
 
 def grid_columns(n):
@@ -1827,14 +1839,17 @@ def write_samples(images, out, fmt, labels=None):
     if fmt == "png":
         save_png(grid_image(images, nrow=grid_columns(len(images))), out)
     elif fmt == "npz":
-        arrays = dict(images=images.numpy(), **({} if labels is None else dict(labels=labels.numpy())))
+        arrays = dict(images=images.numpy())
+        if labels is not None:
+            arrays["labels"] = labels.numpy()
         atomic_write(out, lambda f: np.savez_compressed(f, **arrays))
     else:
         Path(out).mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(images):
             save_png(Image.fromarray(im.numpy()), Path(out) / f"{i:06d}.png")
 
-NPZ_LIMIT = RANGES["n"][2] * (32 * 32 * 3 + 8) + 2 ** 20   # the most samples --n makes, labels
+# the most samples --n makes, with labels: 32 x 32 x 3 bytes and an int64 each, 1 MiB to spare
+NPZ_LIMIT = RANGES["n"][2] * (32 * 32 * 3 + 8) + 2 ** 20
 
 def npz_size(path):
     """The bytes an .npz holds once decompressed, from its zip directory (0 if not a zip)."""
@@ -1848,21 +1863,30 @@ def npz_size(path):
 def read_samples(path):
     """uint8 images (N, 28, 28) and, if the file holds them, the labels they were asked for."""
     check_in("--samples", path)
-    if npz_size(path) > NPZ_LIMIT:
-        raise UserError(f"--samples {path}: would take {npz_size(path) / 1e9:.1f} GB once "
-                        f"decompressed, more than {RANGES['n'][2]:,} samples; refused unread")
+    size, most = npz_size(path), RANGES["n"][2]
+    if size > NPZ_LIMIT:
+        raise UserError(f"--samples {path}: would take {size / 1e9:.1f} GB once "
+                        f"decompressed, more than {most:,} samples; refused unread")
     try:
-        with np.load(path, allow_pickle=False) as z:        # an object array would need pickle: refused
+        # an object array would need pickle: refused
+        with np.load(path, allow_pickle=False) as z:
             a = z["images"] if "images" in z.files else z[z.files[0]]
             y = z["labels"] if "labels" in z.files else None
     except Exception as e:
-        raise UserError(f"--samples {path}: not a readable .npz of arrays ({type(e).__name__})") from None
-    if a.ndim != 3 or a.shape[1:] != (28, 28) or a.dtype != np.uint8 or len(a) < 2:
-        raise UserError(f"--samples {path}: holds {a.dtype} {tuple(a.shape)}; need uint8 (N, 28, 28) with N >= 2")
-    if y is not None and (y.shape != (len(a),) or y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= NUM_CLASSES):
-        raise UserError(f"--samples {path}: its labels are {y.dtype} {tuple(y.shape)}; need (N,) integers "
-                        f"0..{NUM_CLASSES - 1}, one per image")
-    return torch.from_numpy(a.copy()), None if y is None else torch.from_numpy(y.astype(np.int64))
+        why = f"not a readable .npz of arrays ({type(e).__name__})"
+        raise UserError(f"--samples {path}: {why}") from None
+    shape_ok = a.ndim == 3 and a.shape[1:] == (28, 28)
+    if not shape_ok or a.dtype != np.uint8 or len(a) < 2:
+        raise UserError(f"--samples {path}: holds {a.dtype} {tuple(a.shape)}; "
+                        "need uint8 (N, 28, 28) with N >= 2")
+    if y is not None:
+        kind_ok = y.shape == (len(a),) and y.dtype.kind in "iu"
+        if not kind_ok or y.min() < 0 or y.max() >= NUM_CLASSES:
+            got = f"{y.dtype} {tuple(y.shape)}"
+            raise UserError(f"--samples {path}: its labels are {got}; "
+                            f"need (N,) integers 0..{NUM_CLASSES - 1}, one per image")
+    labels = None if y is None else torch.from_numpy(y.astype(np.int64))
+    return torch.from_numpy(a.copy()), labels
 
 # -----------------------------------------------------------------------------
 # III.9 Evaluation: are the samples digits, all ten of them, and not copies?
@@ -1876,17 +1900,24 @@ def read_samples(path):
 class Classifier(nn.Module):
     def __init__(self):
         super().__init__()
-        block = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
-        self.body = nn.Sequential(*block(1, 32), *block(32, 32), nn.MaxPool2d(2),          # 28 -> 14
-                                  *block(32, 64), *block(64, 64), nn.MaxPool2d(2),         # 14 -> 7
-                                  nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU())
+
+        def block(c_in, c_out):
+            conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+            return [conv, nn.BatchNorm2d(c_out), nn.ReLU()]
+
+        # one flat Sequential: (B, 1, 28, 28) -> features (B, 128)
+        self.body = nn.Sequential(
+            *block(1, 32), *block(32, 32), nn.MaxPool2d(2),       # 28 -> 14
+            *block(32, 64), *block(64, 64), nn.MaxPool2d(2),      # 14 -> 7
+            nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU())
         self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, 10))
 
     def forward(self, x):
         return self.head(self.body(x))
 
 CLASSIFIER_EPOCHS, CLASSIFIER_BATCH = 3, 128
-SHIFT = 2                        # the classifier's augmentation: random shifts of up to 2 px
+# the classifier's augmentation: random shifts of up to 2 px
+SHIFT = 2
 
 def train_classifier(images, labels, device, seed=0, epochs=CLASSIFIER_EPOCHS):
     """Adam with a one-cycle schedule and random shifts: >99% test accuracy in 3 epochs. The
@@ -1895,14 +1926,17 @@ def train_classifier(images, labels, device, seed=0, epochs=CLASSIFIER_EPOCHS):
     torch.manual_seed(seed)
     clf = Classifier().to(device)
     opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(1, epochs * (len(images) //
-                                                                                            CLASSIFIER_BATCH)))
+    steps = max(1, epochs * (len(images) // CLASSIFIER_BATCH))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     H, W = images.shape[1:]
     for epoch in range(epochs):
         for idx in epoch_batches(len(images), CLASSIFIER_BATCH, seed, epoch).to(device):
-            x = F.pad(to_model_range(images[idx]), (SHIFT,) * 4, value=-1.0)   # (B, 1, H + 4, W + 4)
-            dx, dy = torch.randint(0, 2 * SHIFT + 1, (2,)).tolist()             # one shift per batch
-            loss = F.cross_entropy(clf(x[:, :, dy:dy + H, dx:dx + W]), labels[idx])
+            # padded with the background, -1: (B, 1, H + 4, W + 4)
+            x = F.pad(to_model_range(images[idx]), (SHIFT,) * 4, value=-1.0)
+            # one shift per batch
+            dx, dy = torch.randint(0, 2 * SHIFT + 1, (2,)).tolist()
+            shifted = x[:, :, dy:dy + H, dx:dx + W]              # (B, 1, H, W)
+            loss = F.cross_entropy(clf(shifted), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -1915,29 +1949,41 @@ def classifier_cache(path, data_dir, device):
     path = Path(path)
     if path.exists():
         try:
-            c = torch.load(path, map_location="cpu", weights_only=True)     # a folder fails here too
+            # a folder fails here too
+            c = torch.load(path, map_location="cpu", weights_only=True)
             clf = Classifier()
-            clf.load_state_dict(c["model"] if isinstance(c, dict) else None)   # the right tensors, or it raises
-            if not (isinstance(c["test_accuracy"], float) and isinstance(c["n_test"], int) and
-                    c["test_mu"].shape == (128,) and c["test_sigma"].shape == (128, 128)):
+            weights = c["model"] if isinstance(c, dict) else None
+            clf.load_state_dict(weights)   # the right tensors, or it raises
+            numbers_ok = (isinstance(c["test_accuracy"], float)
+                          and isinstance(c["n_test"], int))
+            shapes_ok = (c["test_mu"].shape == (128,)
+                         and c["test_sigma"].shape == (128, 128))
+            if not (numbers_ok and shapes_ok):
                 raise ValueError
         except Exception:
-            raise UserError(f"--classifier {path}: not an evaluation classifier made by this program; delete it "
-                            "to train one there, or give another path") from None
+            why = ("not an evaluation classifier made by this program; "
+                   "delete it to train one there, or give another path")
+            raise UserError(f"--classifier {path}: {why}") from None
         return clf.to(device).eval().requires_grad_(False), c
-    folder = next(a for a in [path.parent, *path.parent.parents] if a.exists())
-    if not writable(folder):                 # said now, not after minutes of training
-        raise UserError(f"--classifier {path}: {folder} is not writable, so it cannot be cached there")
+    # the nearest folder that exists: the cache's missing folders would be made in it
+    ancestors = [path.parent, *path.parent.parents]
+    folder = next(a for a in ancestors if a.exists())
+    if not writable(folder):       # said now, not after minutes of training
+        raise UserError(f"--classifier {path}: {folder} is not writable, "
+                        "so it cannot be cached there")
     images, labels = read_data(RunConfig(), data_dir)
-    if len(images) < CLASSIFIER_BATCH:       # fewer: not one step, and every score meaningless
-        raise UserError(f"--data-dir {data_dir}: {len(images)} training images cannot train the "
-                        f"evaluation classifier; it needs at least {CLASSIFIER_BATCH}")
+    # fewer: not one step, and every score meaningless
+    if len(images) < CLASSIFIER_BATCH:
+        raise UserError(f"--data-dir {data_dir}: {len(images)} training images cannot "
+                        "train the evaluation classifier; it needs at least "
+                        f"{CLASSIFIER_BATCH}")
     print(f"training the evaluation classifier (once; cached in {path})")
     clf = train_classifier(images, labels, device)
     test_x, test_y = read_data(RunConfig(), data_dir, train=False)
     feats, probs = classify(clf, test_x, device)
     mu, sigma = gaussian_fit(feats)
-    c = dict(model=clf.state_dict(), test_accuracy=float((probs.argmax(1) == test_y).double().mean()),
+    accuracy = float((probs.argmax(1) == test_y).double().mean())
+    c = dict(model=clf.state_dict(), test_accuracy=accuracy,
              test_mu=mu, test_sigma=sigma, n_test=len(test_x))
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: torch.save(c, f))
@@ -1948,7 +1994,8 @@ def classify(clf, images_uint8, device, batch_size=1000):
     """uint8 (N, 28, 28) -> (features (N, 128) float64, softmax probabilities (N, 10))."""
     feats, probs = [], []
     for start in range(0, len(images_uint8), batch_size):
-        f = clf.body(to_model_range(images_uint8[start:start + batch_size].to(device)))
+        batch = images_uint8[start:start + batch_size].to(device)
+        f = clf.body(to_model_range(batch))                     # (B, 128)
         feats.append(f.double().cpu())
         probs.append(F.softmax(clf.head(f), dim=1).cpu())
     return torch.cat(feats), torch.cat(probs)
@@ -1965,60 +2012,91 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
         w, v = torch.linalg.eigh(m)
         return (v * w.clamp(min=0).sqrt()) @ v.T
     s1 = sqrt_psd(sigma1.double())
-    tr_covmean = torch.linalg.eigvalsh(s1 @ sigma2.double() @ s1).clamp(min=0).sqrt().sum()
+    eigenvalues = torch.linalg.eigvalsh(s1 @ sigma2.double() @ s1)
+    tr_covmean = eigenvalues.clamp(min=0).sqrt().sum()      # Tr (S1 S2)^(1/2)
     d = (mu1 - mu2).double()
-    return float(d @ d + sigma1.double().trace() + sigma2.double().trace() - 2 * tr_covmean)
+    tr1, tr2 = sigma1.double().trace(), sigma2.double().trace()
+    return float(d @ d + tr1 + tr2 - 2 * tr_covmean)
 
 def fid(feats, cache):
     """The one FID: features against the MNIST test set's, in the classifier's feature space."""
-    return frechet_distance(*gaussian_fit(feats), cache["test_mu"], cache["test_sigma"])
+    mu, sigma = gaussian_fit(feats)
+    return frechet_distance(mu, sigma, cache["test_mu"], cache["test_sigma"])
 
 def class_stats(probs, confident=0.9):
     """Class histogram of the argmax, shares of the rarest and commonest class, and the share
     of samples whose top probability is at least `confident`."""
     counts = torch.bincount(probs.argmax(1), minlength=10)
     shares = counts.double() / len(probs)
-    return dict(class_counts=counts.tolist(), rarest_share=float(shares.min()), commonest_share=float(shares.max()),
-                confident_share=float((probs.max(1).values >= confident).double().mean()))
+    is_confident = probs.max(1).values >= confident
+    return dict(class_counts=counts.tolist(),
+                rarest_share=float(shares.min()),
+                commonest_share=float(shares.max()),
+                confident_share=float(is_confident.double().mean()))
 
 def memorization(samples, train_images, test_images, device, n=1000):
     """Nearest-training-image distance (L2, pixels in [0, 1]) of samples against that of real
     test digits, which the model never saw: copies of the training set would sit far below."""
-    ref = train_images.to(device).flatten(1).float() / 255
-    nearest = lambda q: torch.cat([torch.cdist(c.to(device).flatten(1).float() / 255, ref).min(1).values.cpu()
-                                   for c in q[:n].split(500)])
+    ref = train_images.to(device).flatten(1).float() / 255      # (N_train, 784)
+
+    def nearest(images):
+        """The first n images' distances to their nearest training image, 500 at a time."""
+        dists = []
+        for chunk in images[:n].split(500):
+            x = chunk.to(device).flatten(1).float() / 255       # (B, 784)
+            dists.append(torch.cdist(x, ref).min(1).values.cpu())
+        return torch.cat(dists)
+
     d_samples, d_real = nearest(samples), nearest(test_images)
     p1 = float(d_real.quantile(0.01))
-    return dict(n_memo=len(d_samples), nn_dist_samples_median=float(d_samples.median()),
-                nn_dist_real_test_median=float(d_real.median()), real_test_p01=p1,
-                share_closer_than_real_p01=float((d_samples < p1).double().mean()))
+    closer = (d_samples < p1).double().mean()
+    return dict(n_memo=len(d_samples),
+                nn_dist_samples_median=float(d_samples.median()),
+                nn_dist_real_test_median=float(d_real.median()),
+                real_test_p01=p1,
+                share_closer_than_real_p01=float(closer))
 
 def class_accuracy(probs, labels):
     """II.1's models: the share of samples classified as the digit they were asked for, overall
     and per digit (None for a digit no sample asked for)."""
     hit = (probs.argmax(1) == labels).double()
+    per_digit = []
+    for d in range(NUM_CLASSES):
+        asked = labels == d
+        per_digit.append(float(hit[asked].mean()) if asked.any() else None)
     return dict(class_accuracy=float(hit.mean()),
-                class_accuracy_per_digit=[float(hit[labels == d].mean()) if (labels == d).any() else None
-                                          for d in range(NUM_CLASSES)])
+                class_accuracy_per_digit=per_digit)
 
 def same_digit_distance(images, labels):
     """II.1's models: the mean L2 distance (pixels in [0, 1]) between two samples asked for the
     same digit: how varied one digit's samples are."""
-    x = images.flatten(1).double() / 255
-    return float(torch.stack([torch.pdist(x[labels == d]).mean() for d in labels.unique()
-                              if (labels == d).sum() > 1]).mean())
+    x = images.flatten(1).double() / 255                # (N, 784)
+    means = []
+    for d in labels.unique():
+        same = x[labels == d]
+        if len(same) > 1:                               # a pair at least
+            means.append(torch.pdist(same).mean())
+    return float(torch.stack(means).mean())
 
 def evaluate_samples(samples, clf, cache, train_x, test_x, device, seed=0, labels=None):
     """Everything `evaluate` reports for uint8 samples (N, 28, 28), with class accuracy when
     the labels they were asked for are known; train_x and test_x: MNIST's images."""
     feats, probs = classify(clf, samples, device)
-    real = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))[:len(samples)]]
-    return dict(feature_extractor="ddpm_mnist Classifier, penultimate layer (128-d)",
-                classifier_test_accuracy=cache["test_accuracy"], fid_reference=f"MNIST test set ({cache['n_test']} "
-                "images)", n=len(samples), fid=fid(feats, cache),
-                fid_real_train=fid(classify(clf, real, device)[0], cache),    # the floor: as many real digits
-                **class_stats(probs), **memorization(samples, train_x, test_x, device),
-                **(class_accuracy(probs, labels) if labels is not None else {}))
+    gen = torch.Generator().manual_seed(seed)
+    real = train_x[torch.randperm(len(train_x), generator=gen)[:len(samples)]]
+    real_feats = classify(clf, real, device)[0]
+    r = dict(feature_extractor="ddpm_mnist Classifier, penultimate layer (128-d)",
+             classifier_test_accuracy=cache["test_accuracy"],
+             fid_reference=f"MNIST test set ({cache['n_test']} images)",
+             n=len(samples),
+             fid=fid(feats, cache),
+             # the floor: as many real digits
+             fid_real_train=fid(real_feats, cache),
+             **class_stats(probs),
+             **memorization(samples, train_x, test_x, device))
+    if labels is not None:
+        r.update(class_accuracy(probs, labels))
+    return r
 
 # -----------------------------------------------------------------------------
 # III.10 Pictures that teach: the forward process, the denoising trajectory, DDPM against
@@ -2027,20 +2105,30 @@ def evaluate_samples(samples, clf, cache, train_x, test_x, device, seed=0, label
 def labeled_grid(cells, row_labels=(), col_labels=(), scale=2):
     """uint8 cells (R, C, H, W[, 3]) -> a PIL image: grid_image of the cells, `scale` times
     larger, with labels left of the rows and under the columns."""
-    C, cell_h, cell_w = cells.shape[1], scale * cells.shape[2], scale * cells.shape[3]
-    big = cells.flatten(0, 1).repeat_interleave(scale, 1).repeat_interleave(scale, 2)   # (R * C, cell_h, cell_w[, 3])
+    C = cells.shape[1]
+    cell_h, cell_w = scale * cells.shape[2], scale * cells.shape[3]
+    flat = cells.flatten(0, 1)                          # (R * C, H, W[, 3])
+    # each pixel a scale x scale block: (R * C, cell_h, cell_w[, 3])
+    big = flat.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
     grid = grid_image(big, nrow=C)
-    font, measure = ImageFont.load_default(), ImageDraw.Draw(Image.new("L", (1, 1))).textlength
-    left = 8 + int(max(measure(str(l), font=font) for l in row_labels)) if len(row_labels) else 0
-    lines = max((str(l).count("\n") + 1 for l in col_labels), default=0)      # 13 px: a line of the font
-    img = Image.new(grid.mode, (left + grid.width, grid.height + 13 * lines + 4 * bool(lines)), "white")
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("L", (1, 1))).textlength
+    left = 0                            # room for the widest row label
+    if len(row_labels):
+        left = 8 + int(max(measure(str(l), font=font) for l in row_labels))
+    lines = max((str(l).count("\n") + 1 for l in col_labels), default=0)
+    # 13 px: a line of the font
+    size = (left + grid.width, grid.height + 13 * lines + 4 * bool(lines))
+    img = Image.new(grid.mode, size, "white")
     img.paste(grid, (left, 0))
     draw = ImageDraw.Draw(img)
-    for r, label in enumerate(row_labels):
-        draw.text((4, GRID_PAD + r * (cell_h + GRID_PAD) + cell_h // 2 - 6), str(label), fill=0, font=font)
-    for c, label in enumerate(col_labels):
-        draw.multiline_text((left + GRID_PAD + c * (cell_w + GRID_PAD) + 2, grid.height + 2), str(label), fill=0,
-                            font=font, spacing=2)
+    for r, label in enumerate(row_labels):              # beside the middle of its row
+        y = GRID_PAD + r * (cell_h + GRID_PAD) + cell_h // 2 - 6
+        draw.text((4, y), str(label), fill=0, font=font)
+    under = grid.height + 2
+    for c, label in enumerate(col_labels):              # under the left of its column
+        x = left + GRID_PAD + c * (cell_w + GRID_PAD) + 2
+        draw.multiline_text((x, under), str(label), fill=0, font=font, spacing=2)
     return img
 
 FORWARD_T = (1, 50, 100, 200, 400, 600, 800, 1000)   # the paper's t: index t - 1
@@ -2048,11 +2136,16 @@ FORWARD_T = (1, 50, 100, 200, 400, 600, 800, 1000)   # the paper's t: index t - 
 def forward_picture(images_uint8, schedule, ts=FORWARD_T, seed=0):
     """Step 2 made visible: each digit a row, noised in closed form (Eq. 4) at each paper t;
     under each column t and sqrt(alpha_bar_t), the weight of the digit left in x_t."""
-    x0 = to_model_range(images_uint8)                                       # (R, 1, 28, 28)
+    x0 = to_model_range(images_uint8)                   # (R, 1, 28, 28)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    cols = [to_uint8(schedule.q_sample(x0, t_batch(x0, t - 1), noise)) for t in ts]   # C x (R, 28, 28)
-    return labeled_grid(torch.stack(cols, dim=1), col_labels=[f"t={t}\nsignal {schedule.sqrt_alphas_cumprod[t - 1]:.3f}"
-                                                              for t in ts], scale=3)
+    cols, labels = [], []
+    for t in ts:                                        # index t - 1
+        x_t = schedule.q_sample(x0, t_batch(x0, t - 1), noise)
+        cols.append(to_uint8(x_t))                      # (R, 28, 28)
+        signal = schedule.sqrt_alphas_cumprod[t - 1]
+        labels.append(f"t={t}\nsignal {signal:.3f}")
+    cells = torch.stack(cols, dim=1)                    # (R, C, 28, 28)
+    return labeled_grid(cells, col_labels=labels, scale=3)
 
 def paper_t_after(ts, i):
     """The paper's t of what a sampler holds after its i-th step: the step from index ts[i]
@@ -2060,7 +2153,8 @@ def paper_t_after(ts, i):
     return ts[i + 1] + 1 if i + 1 < len(ts) else 0
 
 def frame_indices(num_steps, max_frames=50):
-    """The sampler steps that become GIF frames: all up to 50, else 50 spread evenly, the last included."""
+    """The sampler steps that become GIF frames: all up to 50, else 50 spread evenly, the
+    last included."""
     k = min(num_steps, max_frames)
     return sorted({round(i * (num_steps - 1) / max(k - 1, 1)) for i in range(k)})
 
@@ -2071,20 +2165,30 @@ def denoising_gif(eps_model, schedule, x_T, sampler, generator, path, ms=80, hol
     keep, nrow = set(frame_indices(len(ts))), grid_columns(len(x_T))
 
     def on_step(i, x, x0):
-        if i in keep:
-            left, right = grid_image(to_uint8(x), nrow), grid_image(to_uint8(x0), nrow)
-            img = Image.new(left.mode, (2 * left.width + 12, left.height + 16), "white")   # a 12 px gap
-            img.paste(left, (0, 16))
-            img.paste(right, (left.width + 12, 16))
-            t = f"{1 - (i + 1) / len(ts):.2f}" if sampler.name == "euler" else paper_t_after(ts, i)
-            ImageDraw.Draw(img).text((2, 2), f"x_t, t={t}", fill=0)
-            ImageDraw.Draw(img).text((left.width + 14, 2), "predicted x_0", fill=0)
-            frames.append(img)
+        if i not in keep:
+            return
+        left = grid_image(to_uint8(x), nrow)
+        right = grid_image(to_uint8(x0), nrow)
+        # a 12 px gap between the two, 16 px above them for the captions
+        img = Image.new(left.mode, (2 * left.width + 12, left.height + 16), "white")
+        img.paste(left, (0, 16))
+        img.paste(right, (left.width + 12, 16))
+        if sampler.name == "euler":         # a flow's time runs from 1 to 0
+            t = f"{1 - (i + 1) / len(ts):.2f}"
+        else:
+            t = paper_t_after(ts, i)
+        ImageDraw.Draw(img).text((2, 2), f"x_t, t={t}", fill=0)
+        ImageDraw.Draw(img).text((left.width + 14, 2), "predicted x_0", fill=0)
+        frames.append(img)
 
     sampler(eps_model, schedule, x_T, generator, on_step)
-    atomic_write(path, lambda f: frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
-                                                duration=[ms] * (len(frames) - 1) + [hold_ms], loop=0,
-                                                optimize=False))
+    durations = [ms] * (len(frames) - 1) + [hold_ms]    # the last frame held
+
+    def write(f):
+        frames[0].save(f, format="GIF", save_all=True, append_images=frames[1:],
+                       duration=durations, loop=0, optimize=False)
+
+    atomic_write(path, write)
     return len(frames)
 
 # -----------------------------------------------------------------------------
@@ -2466,23 +2570,26 @@ TRAIN_HELP = RECIPE   # FIXME after merge
 
 # --- the commands: each checks what it can before slow work starts or a file is written ---
 
-RESUME_MAY_CHANGE = ("epochs", "grid_n")   # the run's length and its pictures, not its model
-RUN_FILES = ("ckpt.pt", "config.json", "loss.csv", "grid_epoch*.png", ".*.tmp")   # what train writes
+# the run's length and its pictures, not its model
+RESUME_MAY_CHANGE = ("epochs", "grid_n")
+# what train writes
+RUN_FILES = ("ckpt.pt", "config.json", "loss.csv", "grid_epoch*.png", ".*.tmp")
 
 def lock_folder(folder):
     """Hold an exclusive lock on the run folder while this process lives: a second train there is
     refused, and the lock dies with the process, so a kill leaves nothing to clean by hand."""
     try:
         import fcntl
-    except ImportError:               # Windows: no such lock; one train per folder is the user's care
+    except ImportError:
+        # Windows: no such lock; one train per folder is the user's care
         return None
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise UserError(f"--run-dir {folder}: another train is running in it; wait for it to end, "
-                        "or give another folder") from None
+        raise UserError(f"--run-dir {folder}: another train is running in it; "
+                        "wait for it to end, or give another folder") from None
     return fd
 
 def train_config(args):
@@ -2492,52 +2599,74 @@ def train_config(args):
     # overridden by what the user asked for
     given = {name: getattr(args, name) for name in TRAIN_HELP if getattr(args, name) is not None}
     if args.p_uncond is not None and not args.cond:
-        raise UserError(f"--p-uncond {args.p_uncond}: only with --cond (it drops labels of a class-conditional model)")
+        raise UserError(f"--p-uncond {args.p_uncond}: only with --cond "
+                        "(it drops labels of a class-conditional model)")
     if args.cond:
-        given.update(num_classes=NUM_CLASSES, **({"p_uncond": args.p_uncond} if args.p_uncond is not None else {}))
+        given["num_classes"] = NUM_CLASSES
+        if args.p_uncond is not None:
+            given["p_uncond"] = args.p_uncond
     path = Path(args.run_dir) / "ckpt.pt"
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite: choose one")
     if not args.resume:
         if path.exists() and not args.overwrite:
-            raise UserError(f"--run-dir {args.run_dir}: already holds a checkpoint; add --resume to continue it "
-                            "or --overwrite to start over")
+            raise UserError(f"--run-dir {args.run_dir}: already holds a checkpoint; "
+                            "add --resume to continue it or --overwrite to start over")
         folder = Path(args.run_dir)
         if folder.is_dir() and any(folder.iterdir()) and not args.overwrite:
-            raise UserError(f"--run-dir {args.run_dir}: holds files but no checkpoint; give a new or "
-                            "empty folder, or --overwrite to remove a run's own files there "
-                            f"({', '.join(RUN_FILES[:4])}) and train in it")
+            own = ", ".join(RUN_FILES[:4])
+            raise UserError(f"--run-dir {args.run_dir}: holds files but no checkpoint; "
+                            "give a new or empty folder, or --overwrite to remove "
+                            f"a run's own files there ({own}) and train in it")
         if given.get("objective") == "flow":
             given = flow_settings(args.preset, given)
-        return config_from_dict(asdict(replace(PRESETS[args.preset], **given)), "train"), None
+        cfg = replace(PRESETS[args.preset], **given)
+        return config_from_dict(asdict(cfg), "train"), None
     ckpt = load_checkpoint(path, "--resume")
     missing = [k for k in TRAINING_STATE if k not in ckpt]
     if missing:
-        raise UserError(f"--resume: {path} has no training state ({', '.join(missing)} missing); it looks like an "
-                        "`export` file, which can be sampled from but not trained further")
+        absent = ", ".join(missing)
+        raise UserError(f"--resume: {path} has no training state ({absent} missing); "
+                        "it looks like an `export` file, which can be sampled from but "
+                        "not trained further")
     saved = config_from_dict(ckpt["config"], f"--resume: {path}")
     if args.cond != bool(saved.num_classes):
-        raise UserError(f"--cond: {path} is an unconditional run; a resumed run keeps its config" if args.cond
-                        else f"--resume: {path} is a class-conditional run; add --cond to resume it")
-    for k, v in given.items():   # the same run: another lr or width would make another model; only its length grows
+        if args.cond:
+            why = (f"--cond: {path} is an unconditional run; "
+                   "a resumed run keeps its config")
+        else:
+            why = (f"--resume: {path} is a class-conditional run; "
+                   "add --cond to resume it")
+        raise UserError(why)
+    # the same run: another lr or width would make another model; only its length grows
+    for k, v in given.items():
         if k not in RESUME_MAY_CHANGE and v != getattr(saved, k):
-            raise UserError(f"--{k.replace('_', '-')} {v}: differs from the checkpoint's {getattr(saved, k)}; "
-                            "a resumed run keeps its config (only --epochs and --grid-n may change)")
-    return replace(saved, **{k: given[k] for k in RESUME_MAY_CHANGE if k in given}), ckpt
+            flag, was = "--" + k.replace("_", "-"), getattr(saved, k)
+            raise UserError(f"{flag} {v}: differs from the checkpoint's {was}; "
+                            "a resumed run keeps its config "
+                            "(only --epochs and --grid-n may change)")
+    longer = {k: given[k] for k in RESUME_MAY_CHANGE if k in given}
+    return replace(saved, **longer), ckpt
 
-FLOW_UNUSED = dict(schedule="linear", min_snr_gamma=0.0)   # a flow has no betas and no SNR weight
+# a flow has no betas and no SNR weight
+FLOW_UNUSED = dict(schedule="linear", min_snr_gamma=0.0)
 
 def flow_settings(preset, given):
     """--objective flow's recipe: a flag that cannot apply to a flow is refused; a preset's value
     that cannot is dropped, with a line that says so."""
     for name, off in FLOW_UNUSED.items():
         if name in given and given[name] != off:
-            raise UserError(f"--{name.replace('_', '-')} {given[name]}: a flow model (--objective "
-                            "flow) has no noise schedule and no min-SNR weighting; leave it out")
-    dropped = [f"{name} {getattr(PRESETS[preset], name)}" for name, off in FLOW_UNUSED.items()
-               if getattr(PRESETS[preset], name) != off]
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {given[name]}: a flow model (--objective flow) "
+                            "has no noise schedule and no min-SNR weighting; leave it out")
+    dropped = []
+    for name, off in FLOW_UNUSED.items():
+        value = getattr(PRESETS[preset], name)
+        if value != off:
+            dropped.append(f"{name} {value}")
     if dropped:
-        note(f"note: --objective flow: the preset's {' and '.join(dropped)} do not apply to a "
+        these = " and ".join(dropped)
+        note(f"note: --objective flow: the preset's {these} do not apply to a "
              "flow model; left out")
     return {**FLOW_UNUSED, **given}
 
@@ -2619,25 +2748,35 @@ def run_steps(bk, images, labels, loss_fn, rank):
 
 def describe_run(cfg, p, device, world, precision, spe, resumed_at, step):
     """train's first lines: how the recipe departs from the case study's, then the run."""
-    paper, not_recipe = PRESETS["paper"], ("preset", "precision", "seed", "grid_n")   # the tool's own settings
-    changes = [f"{f.name} {getattr(cfg, f.name)} (case study: {getattr(paper, f.name)})" for f in fields(RunConfig)
-               if f.name not in not_recipe and getattr(cfg, f.name) != getattr(paper, f.name)]
+    paper = PRESETS["paper"]
+    # the tool's own settings, not the recipe's
+    not_recipe = ("preset", "precision", "seed", "grid_n")
+    changes = []
+    for f in fields(RunConfig):
+        ours, case_study = getattr(cfg, f.name), getattr(paper, f.name)
+        if f.name not in not_recipe and ours != case_study:
+            changes.append(f"{f.name} {ours} (case study: {case_study})")
     if changes:
         print(f"recipe: --preset {cfg.preset}, departing from the case study's in")
     for change in changes:
         print(f"  {change}")
-    print(f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}"
-          + (f", class-conditional (p_uncond {cfg.p_uncond})" if cfg.num_classes else "")
-          + f"; device {device}" + (f" x {world} processes" if world > 1 else "") + f"; {precision}; "
-          + f"{spe} steps/epoch, {cfg.epochs} epochs"
-          + (f"; resuming at step {resumed_at}" if resumed_at is not None else ""))
+    line = f"UNet: {count_params(p.model):,} parameters, channels {cfg.channels}"
+    if cfg.num_classes:
+        line += f", class-conditional (p_uncond {cfg.p_uncond})"
+    line += f"; device {device}"
+    if world > 1:
+        line += f" x {world} processes"
+    line += f"; {precision}; {spe} steps/epoch, {cfg.epochs} epochs"
     if resumed_at is not None:
-        print("resume: the run's own recipe, from its checkpoint; config.json and --preset are "
-              "not read again, and only --epochs and --grid-n may change")
+        line += f"; resuming at step {resumed_at}"
+    print(line)
+    if resumed_at is not None:
+        print("resume: the run's own recipe, from its checkpoint; config.json and "
+              "--preset are not read again, and only --epochs and --grid-n may change")
     print(f"step: {step}")
     if device.type == "cpu" and cfg.preset == "paper":
-        note("note: the case-study recipe takes many hours on a CPU; `--preset cpu` makes digits in about "
-             "12 minutes on 2 cores (README, Set up)")
+        note("note: the case-study recipe takes many hours on a CPU; `--preset cpu` "
+             "makes digits in about 12 minutes on 2 cores (README, Set up)")
 
 def recorded_config(path):
     """The config a checkpoint records, read without its weights, so the flags can be checked
@@ -2654,21 +2793,23 @@ def sampler_from_args(args, cfg):
     flow = cfg.objective == "flow"
     name = args.sampler or ("euler" if flow else "ddim")
     if flow and name != "euler":
-        raise UserError(f"--sampler {name}: this checkpoint is a flow model (train --objective flow), "
-                        "which samples with --sampler euler")
+        raise UserError(f"--sampler {name}: this checkpoint is a flow model "
+                        "(train --objective flow), which samples with --sampler euler")
     if name == "euler" and not flow:
-        raise UserError("--sampler euler: integrates a flow model's velocity, and this checkpoint "
-                        "predicts noise; use ddim, dpm++ or ddpm")
+        raise UserError("--sampler euler: integrates a flow model's velocity, and this "
+                        "checkpoint predicts noise; use ddim, dpm++ or ddpm")
     if name == "ddpm" and args.steps not in (None, cfg.T):
         raise UserError(f"--steps {args.steps}: DDPM always takes all T={cfg.T} steps; "
                         "use --sampler ddim for fewer")
     if name == "ddpm" and args.eta:
-        raise UserError("--eta: only DDIM has eta; DDPM's noise is fixed by the posterior variance")
+        raise UserError("--eta: only DDIM has eta; DDPM's noise is fixed by the "
+                        "posterior variance")
     if name in ("dpm++", "euler") and args.eta:
         raise UserError(f"--eta: only DDIM has eta; {name} is deterministic")
     steps = args.steps or (DPM_SOLVER_STEPS if name == "dpm++" else DDIM_STEPS)
     if name in ("ddim", "dpm++") and steps > cfg.T:
-        raise UserError(f"--steps {steps}: this model has T={cfg.T} timesteps, so at most {cfg.T}")
+        raise UserError(f"--steps {steps}: this model has T={cfg.T} timesteps, "
+                        f"so at most {cfg.T}")
     if name == "ddpm":
         steps = cfg.T
     return Sampler(name, steps, args.eta, not args.no_clip)
@@ -2704,21 +2845,30 @@ def guidance_from_args(args, cfg, n, ncol):
     digit = getattr(args, "digit", None)
     if not cfg.num_classes and (digit is not None or args.guidance is not None):
         flag = "--class" if digit is not None else "--guidance"
-        raise UserError(f"{flag}: this checkpoint is unconditional (trained without --cond); {flag} needs a "
-                        "class-conditional model")
+        raise UserError(f"{flag}: this checkpoint is unconditional (trained without "
+                        f"--cond); {flag} needs a class-conditional model")
     if not cfg.num_classes:
         return None
-    labels = digit_rows(n, ncol, cfg.num_classes) if digit in (None, "all") else torch.full((n,), int(digit))
-    return Guidance(labels, DEFAULT_GUIDANCE if args.guidance is None else args.guidance, cfg.num_classes)
+    if digit in (None, "all"):
+        labels = digit_rows(n, ncol, cfg.num_classes)
+    else:
+        labels = torch.full((n,), int(digit))
+    scale = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+    return Guidance(labels, scale, cfg.num_classes)
 
 def cmd_sample(args):
     if args.gif and args.format != "png":
         raise UserError("--gif: writes a GIF; leave --format at png")
-    sampler = sampler_from_args(args, recorded_config(checkpoint_to_sample(args.ckpt)))
-    ext = ".gif" if args.gif else {"png": ".png", "npz": ".npz", "png-dir": ""}[args.format]
+    recorded = recorded_config(checkpoint_to_sample(args.ckpt))
+    sampler = sampler_from_args(args, recorded)
+    suffixes = {"png": ".png", "npz": ".npz", "png-dir": ""}
+    ext = ".gif" if args.gif else suffixes[args.format]
+    # dpm++ -> dpmpp: no "+" in a file name
     out = args.out or f"samples/{sampler.name.replace('+', 'p')}_{sampler.steps}{ext}"
-    eps_model, schedule, cfg = load_for_sampling(args, out, ext, folder=args.format == "png-dir")
-    device, t0, shape = schedule.betas.device, time.time(), (args.n, *IMAGE_SHAPES[cfg.dataset])
+    folder = args.format == "png-dir"
+    eps_model, schedule, cfg = load_for_sampling(args, out, ext, folder=folder)
+    device, t0 = schedule.betas.device, time.time()
+    shape = (args.n, *IMAGE_SHAPES[cfg.dataset])
     guide = guidance_from_args(args, cfg, args.n, grid_columns(args.n))
     with blame("--batch-size" if args.n > args.batch_size else "--n", device):
         if args.gif:  # the seeds of generate(), so a GIF ends on the grid `sample` would draw
@@ -2729,79 +2879,122 @@ def cmd_sample(args):
             images = generate(eps_model, schedule, sampler, shape, args.seed, args.batch_size, guide)
             write_samples(images, out, args.format, guide.labels if guide else None)
     dt = time.time() - t0
-    print(f"wrote {out}: " + (f"{n_frames} frames" if args.gif else f"{args.n} samples") +
-          f", {sampler.name} {sampler.steps} steps" + (f", guidance {guide.scale:g}" if guide else "") +
-          f", {dt:.1f} s on {device}" + ("" if args.gif else f" ({1e3 * dt / args.n:.1f} ms per sample)"))
+    what = f"{n_frames} frames" if args.gif else f"{args.n} samples"
+    line = f"wrote {out}: {what}, {sampler.name} {sampler.steps} steps"
+    if guide:
+        line += f", guidance {guide.scale:g}"
+    line += f", {dt:.1f} s on {device}"
+    if not args.gif:
+        line += f" ({1e3 * dt / args.n:.1f} ms per sample)"
+    print(line)
 
 def report_table(r):
     """evaluate's report, a line for each entry, shares in percent."""
-    show = lambda k, v: f"{100 * v:.2f}%" if "share" in k or k.endswith("accuracy") else \
-        " ".join(f"{d}:{'-' if a is None else f'{100 * a:.0f}%'}" for d, a in enumerate(v)) if k.endswith("digit") else \
-        f"{v:.3f}" if isinstance(v, float) else str(v)
-    return f"N={r['n']} samples\n" + "\n".join(f"{k.replace('_', ' '):32} {show(k, v)}" for k, v in r.items())
+    def show(k, v):
+        if "share" in k or k.endswith("accuracy"):
+            return f"{100 * v:.2f}%"
+        if k.endswith("digit"):         # "-": a digit no sample asked for
+            cells = []
+            for d, a in enumerate(v):
+                cells.append(f"{d}:-" if a is None else f"{d}:{100 * a:.0f}%")
+            return " ".join(cells)
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        return str(v)
+
+    lines = [f"{k.replace('_', ' '):32} {show(k, v)}" for k, v in r.items()]
+    return f"N={r['n']} samples\n" + "\n".join(lines)
 
 def check_classifier(path, inputs):
-    """evaluate's and compare's --classifier: read if it exists (and checked then), else trained and written."""
+    """evaluate's and compare's --classifier: read if it exists (and checked then), else trained
+    and written."""
     if any(i is not None and same_file(i, path) for i in inputs):
-        raise UserError(f"--classifier {path}: is also another input or output of this command")
+        raise UserError(f"--classifier {path}: is also another input or output "
+                        "of this command")
     if not Path(path).exists() and Path(path).suffix != ".pt":
-        raise UserError(f"--classifier {path}: must end in .pt, the classifier this writes on first use")
+        raise UserError(f"--classifier {path}: must end in .pt, "
+                        "the classifier this writes on first use")
 
 def cmd_evaluate(args):
     if args.n < 2:
-        raise UserError(f"--n {args.n}: FID fits a covariance, which needs at least 2 samples")
-    sampler = sampler_from_args(args, recorded_config(checkpoint_to_sample(args.ckpt)))
+        raise UserError(f"--n {args.n}: FID fits a covariance, "
+                        "which needs at least 2 samples")
+    recorded = recorded_config(checkpoint_to_sample(args.ckpt))
+    sampler = sampler_from_args(args, recorded)
     device = resolve_device(args.device)
     if args.samples:
         if args.guidance is not None or args.weights != "ema":
-            raise UserError(f"{'--guidance' if args.guidance is not None else '--weights'}: with --samples nothing "
-                            "is sampled; leave it out")
-        out = Path(args.out or check_in("--samples", args.samples).with_name("evaluate.json"))   # beside what it scores
+            flag = "--guidance" if args.guidance is not None else "--weights"
+            raise UserError(f"{flag}: with --samples nothing is sampled; leave it out")
+        if args.out:
+            out = Path(args.out)
+        else:                               # beside what it scores
+            out = check_in("--samples", args.samples).with_name("evaluate.json")
         check_out("--out", out, ".json", [args.samples, args.classifier])
         check_classifier(args.classifier, [args.samples])
         samples, labels = read_samples(args.samples)
         train_x = read_data(RunConfig(), args.data_dir)[0]
-        source = dict(samples_from=f"read from {args.samples}", samples_file=str(args.samples))
-    else:           # samples/ is the project's: a report on committed weights goes to the current folder
+        source = dict(samples_from=f"read from {args.samples}",
+                      samples_file=str(args.samples))
+    else:
+        # samples/ is the project's: a report on committed weights goes to the current folder
         path = checkpoint_to_sample(args.ckpt)
         committed = same_file(path.parent, SHIPPED_CKPT.parent)
-        out = Path(args.out or ("evaluate.json" if committed else path.with_name("evaluate.json")))
-        eps_model, schedule, cfg = load_for_sampling(args, out, ".json", classifier=args.classifier)
-        guide = guidance_from_args(args, cfg, args.n, 1)       # conditional: digits 0-9 in turn
-        train_x = read_data(cfg, args.data_dir)[0]            # now: a missing data set fails before sampling
+        beside = "evaluate.json" if committed else path.with_name("evaluate.json")
+        out = Path(args.out or beside)
+        eps_model, schedule, cfg = load_for_sampling(
+            args, out, ".json", classifier=args.classifier)
+        # conditional: digits 0-9 in turn
+        guide = guidance_from_args(args, cfg, args.n, 1)
+        # now: a missing data set fails before sampling
+        train_x = read_data(cfg, args.data_dir)[0]
         t0 = time.time()
         with blame("--batch-size", device):
             samples = generate(eps_model, schedule, sampler, (args.n, *IMAGE_SHAPES[cfg.dataset]), args.seed,
                                args.batch_size, guide)
         labels = guide.labels if guide else None
-        source = dict(samples_from=f"{sampler.name} {sampler.steps} steps, eta {sampler.eta}" + (
-            f", guidance {guide.scale:g}" if guide else "") + f", {args.weights} weights, {time.time() - t0:.0f} s on "
-            f"{device}", ckpt=str(path), **({"guidance": guide.scale} if guide else {}))
+        how = f"{sampler.name} {sampler.steps} steps, eta {sampler.eta}"
+        if guide:
+            how += f", guidance {guide.scale:g}"
+        how += f", {args.weights} weights, {time.time() - t0:.0f} s on {device}"
+        source = dict(samples_from=how, ckpt=str(path))
+        if guide:
+            source["guidance"] = guide.scale
     clf, cache = classifier_cache(args.classifier, args.data_dir, device)
     test_x = read_data(RunConfig(), args.data_dir, train=False)[0]
-    r = dict(evaluate_samples(samples, clf, cache, train_x, test_x, device, args.seed, labels), **source)
+    r = evaluate_samples(samples, clf, cache, train_x, test_x, device,
+                         args.seed, labels)
+    r.update(source)                        # where the samples came from
     print(report_table(r))
     save_text(json.dumps(r, indent=2) + "\n", out)
     print(f"wrote {out}")
 
-COMPARE = (("DDPM 1000", Sampler("ddpm", 1000)), ("DDIM 10", Sampler("ddim", 10)), ("DDIM 20", Sampler("ddim", 20)),
-           ("DDIM 50", Sampler("ddim", 50)), ("DDIM 100", Sampler("ddim", 100)),
-           ("DDIM 50, eta 1", Sampler("ddim", 50, eta=1.0)), ("DPM++ 10", Sampler("dpm++", 10)),
+COMPARE = (("DDPM 1000", Sampler("ddpm", 1000)),
+           ("DDIM 10", Sampler("ddim", 10)),
+           ("DDIM 20", Sampler("ddim", 20)),
+           ("DDIM 50", Sampler("ddim", 50)),
+           ("DDIM 100", Sampler("ddim", 100)),
+           ("DDIM 50, eta 1", Sampler("ddim", 50, eta=1.0)),
+           ("DPM++ 10", Sampler("dpm++", 10)),
            ("DPM++ 20", Sampler("dpm++", 20)))
-COMPARE_FLOW = (("Euler 10", Sampler("euler", 10)), ("Euler 20", Sampler("euler", 20)),
-                ("Euler 50", Sampler("euler", 50)))     # a flow model's rows (II.7)
+# a flow model's rows (II.7)
+COMPARE_FLOW = (("Euler 10", Sampler("euler", 10)),
+                ("Euler 20", Sampler("euler", 20)),
+                ("Euler 50", Sampler("euler", 50)))
 
 def cmd_compare(args):
     """Samplers, or with --guidance guidance scales (II.2), from the same x_T and labels: a table
     of scores and a picture of the first samples of each."""
-    out = args.out or ("samples/guidance.png" if args.guidance else "samples/compare.png")
-    eps_model, schedule, cfg = load_for_sampling(args, out, ".png", classifier=args.classifier)
+    default = "samples/guidance.png" if args.guidance else "samples/compare.png"
+    out = args.out or default
+    eps_model, schedule, cfg = load_for_sampling(
+        args, out, ".png", classifier=args.classifier)
     if args.guidance and not cfg.num_classes:
-        raise UserError("--guidance: this checkpoint is unconditional (trained without --cond), "
-                        "so it has no guidance to compare")
+        raise UserError("--guidance: this checkpoint is unconditional (trained without "
+                        "--cond), so it has no guidance to compare")
     if args.n < 2 * (cfg.num_classes if args.guidance else 1):
-        raise UserError(f"--n {args.n}: FID needs 2 samples, and comparing guidance 2 of each "
-                        f"of the {cfg.num_classes} classes")
+        raise UserError(f"--n {args.n}: FID needs 2 samples, and comparing guidance "
+                        f"2 of each of the {cfg.num_classes} classes")
     if args.guidance:
         picture = compare_guidance(args, eps_model, schedule, cfg)
     else:
@@ -2823,7 +3016,9 @@ def score_runs(args, eps_model, schedule, cfg, runs):
         with blame("--batch-size", device):
             x = generate(eps_model, schedule, sampler, shape, args.seed, args.batch_size, guide)
         feats, probs = classify(clf, x, device)
-        row = dict(name=name, fid=fid(feats, cache), ms=1e3 * (time.time() - t0) / args.n)
+        score = fid(feats, cache)
+        ms = 1e3 * (time.time() - t0) / args.n                  # per sample
+        row = dict(name=name, fid=score, ms=ms)
         row.update(class_stats(probs))
         if labels is not None:
             row.update(class_accuracy(probs, labels))
@@ -2832,8 +3027,12 @@ def score_runs(args, eps_model, schedule, cfg, runs):
     return rows, images, labels
 
 def compare_header(args, labels):
-    same = "the same x_T" if labels is None else "the same x_T and labels (digits 0-9 in turn)"
-    return f"N={args.n} per row, seed {args.seed}, {same}; FID in classifier features vs MNIST test"
+    """compare's first line: what every row of the table shares."""
+    same = "the same x_T"
+    if labels is not None:
+        same += " and labels (digits 0-9 in turn)"
+    return (f"N={args.n} per row, seed {args.seed}, {same}; "
+            "FID in classifier features vs MNIST test")
 
 def compare_samplers(args, eps_model, schedule, cfg):
     """Each sampler of COMPARE (a flow model's: COMPARE_FLOW): a row of the table and of the
@@ -2846,7 +3045,8 @@ def compare_samplers(args, eps_model, schedule, cfg):
     for r in rows:
         print(f"{r['name']:16} {r['fid']:8.3f} {100 * r['confident_share']:8.1f}% "
               f"{100 * r['rarest_share']:6.1f}% {r['ms']:10.2f}")
-    return labeled_grid(torch.stack([x[:10] for x in images]), row_labels=[r["name"] for r in rows])
+    cells = torch.stack([x[:10] for x in images])           # (samplers, 10, H, W)
+    return labeled_grid(cells, row_labels=[r["name"] for r in rows])
 
 def compare_guidance(args, eps_model, schedule, cfg):
     """The default sampler (DDIM-50, or a flow's Euler-50) at each scale of --guidance: a row of
@@ -2854,13 +3054,16 @@ def compare_guidance(args, eps_model, schedule, cfg):
     sampler = Sampler("euler") if cfg.objective == "flow" else Sampler()
     runs = [(f"{s:g}", sampler, s) for s in args.guidance]
     rows, images, labels = score_runs(args, eps_model, schedule, cfg, runs)
-    print(compare_header(args, labels) + f"; {sampler.name} {sampler.steps} steps; spread: mean "
+    header = compare_header(args, labels)
+    print(f"{header}; {sampler.name} {sampler.steps} steps; spread: mean "
           "distance between two samples of a digit")
     print(f"{'guidance':>8} {'FID':>8} {'class acc':>9} {'confident':>9} {'spread':>7}")
     for r, x in zip(rows, images):
+        spread = same_digit_distance(x, labels)
         print(f"{r['name']:>8} {r['fid']:8.3f} {100 * r['class_accuracy']:8.1f}% "
-              f"{100 * r['confident_share']:8.1f}% {same_digit_distance(x, labels):7.3f}")
-    cells = torch.stack([x[:cfg.num_classes] for x in images], dim=1)   # (digits, scales, H, W)
+              f"{100 * r['confident_share']:8.1f}% {spread:7.3f}")
+    # (digits, scales, H, W)
+    cells = torch.stack([x[:cfg.num_classes] for x in images], dim=1)
     return labeled_grid(cells, row_labels=range(cfg.num_classes),
                         col_labels=[f"s={r['name']}" for r in rows])
 
@@ -2876,24 +3079,31 @@ def cmd_bench(args):
 def cmd_forward(args):
     check_out("--out", args.out, ".png")
     images, _ = read_data(RunConfig(), args.data_dir)
-    images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:args.n]]
-    save_png(forward_picture(images, make_schedule(RunConfig(schedule=args.schedule)), seed=args.seed), args.out)
-    print(f"wrote {args.out}: {args.n} digits at t = {', '.join(map(str, FORWARD_T))}, {args.schedule} schedule")
+    gen = torch.Generator().manual_seed(args.seed)
+    images = images[torch.randperm(len(images), generator=gen)[:args.n]]
+    schedule = make_schedule(RunConfig(schedule=args.schedule))
+    save_png(forward_picture(images, schedule, seed=args.seed), args.out)
+    ts = ", ".join(map(str, FORWARD_T))
+    print(f"wrote {args.out}: {args.n} digits at t = {ts}, {args.schedule} schedule")
 
 def cmd_export(args):
     check_out("--out", args.out, ".pt", [args.ckpt])
     ckpt = load_checkpoint(args.ckpt)
-    model, cfg = model_from_checkpoint(ckpt)                 # checks the weights fit the config
-    trained = ckpt.get("trained")                            # an export's own record, kept as it is
-    if not isinstance(trained, dict) and isinstance(ckpt.get("step"), int):     # a run's: how long it trained
-        spe = ckpt.get("steps_per_epoch", TRAIN_IMAGES[cfg.dataset] // cfg.batch_size)   # older runs did not save it
-        trained = dict(step=ckpt["step"], epochs=ckpt["step"] / spe, seconds=ckpt.get("seconds"),
-                       device=ckpt.get("device"))
+    model, cfg = model_from_checkpoint(ckpt)    # checks the weights fit the config
+    trained = ckpt.get("trained")               # an export's own record, kept as it is
+    if not isinstance(trained, dict) and isinstance(ckpt.get("step"), int):
+        # a run's: how long it trained; older runs did not save their steps per epoch
+        default_spe = TRAIN_IMAGES[cfg.dataset] // cfg.batch_size
+        spe = ckpt.get("steps_per_epoch", default_spe)
+        trained = dict(step=ckpt["step"], epochs=ckpt["step"] / spe,
+                       seconds=ckpt.get("seconds"), device=ckpt.get("device"))
     # fp16 keeps 11 bits of mantissa; the weights of a trained net lie far inside its range
-    record = dict(ema={k: v.half() for k, v in model.state_dict().items()}, config=asdict(cfg), trained=trained)
+    ema = {k: v.half() for k, v in model.state_dict().items()}
+    record = dict(ema=ema, config=asdict(cfg), trained=trained)
     atomic_write(args.out, lambda f: torch.save(record, f))
-    print(f"wrote {args.out}: {count_params(model):,} EMA weights in fp16, {Path(args.out).stat().st_size / 1e6:.1f} "
-          f"MB; {trained_note(record['trained'])}")
+    mb = Path(args.out).stat().st_size / 1e6
+    print(f"wrote {args.out}: {count_params(model):,} EMA weights in fp16, "
+          f"{mb:.1f} MB; {trained_note(record['trained'])}")
 
 def main(argv=None):
     """Parse, run the command, and turn every UserError and every error of the operating system
