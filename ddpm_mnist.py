@@ -1829,6 +1829,10 @@ def generate(eps_model, schedule, sampler, shape, seed=0, batch_size=256, guidan
             out.append(to_uint8(x_0).cpu())
     return torch.cat(out)
 
+def batch_flag(args):
+    """The flag that sizes a batch of samples: --batch-size, or --n when all fit in one."""
+    return "--batch-size" if args.n > args.batch_size else "--n"
+
 def grid_columns(n):
     """Samples per row of a `sample` grid: a square-ish picture."""
     return max(1, round(math.sqrt(n)))
@@ -2251,8 +2255,9 @@ def bench(cfg, device, reps=5, modes=("eager",)):
     both samplers for a batch."""
     set_fast_math(device)
     cfg, B = replace(cfg, epochs=10 ** 6), cfg.batch_size          # room for any steps
-    noise = torch.rand(2 * B, *IMAGE_SHAPES[cfg.dataset], generator=torch.Generator().manual_seed(0))
-    data = to_uint8(noise * 2 - 1).to(device)
+    g = torch.Generator().manual_seed(0)
+    data = to_uint8(torch.rand(2 * B, *IMAGE_SHAPES[cfg.dataset], generator=g) * 2 - 1)
+    data = data.to(device)
     dtype, why = choose_precision(device, cfg.precision)
     if device.type == "cuda":
         card = torch.cuda.get_device_name(device)
@@ -2566,8 +2571,6 @@ def build_parser():
         add(sub)
     return ap
 
-TRAIN_HELP = RECIPE   # FIXME after merge
-
 # --- the commands: each checks what it can before slow work starts or a file is written ---
 
 # the run's length and its pictures, not its model
@@ -2597,7 +2600,7 @@ def train_config(args):
     the config and the checkpoint to resume from (read once, here)."""
     # train's recipe flags default to None, so "given" means typed: a preset's value is only
     # overridden by what the user asked for
-    given = {name: getattr(args, name) for name in TRAIN_HELP if getattr(args, name) is not None}
+    given = {name: getattr(args, name) for name in RECIPE if getattr(args, name) is not None}
     if args.p_uncond is not None and not args.cond:
         raise UserError(f"--p-uncond {args.p_uncond}: only with --cond "
                         "(it drops labels of a class-conditional model)")
@@ -2870,13 +2873,16 @@ def cmd_sample(args):
     device, t0 = schedule.betas.device, time.time()
     shape = (args.n, *IMAGE_SHAPES[cfg.dataset])
     guide = guidance_from_args(args, cfg, args.n, grid_columns(args.n))
-    with blame("--batch-size" if args.n > args.batch_size else "--n", device):
+    with blame(batch_flag(args), device):
         if args.gif:  # the seeds of generate(), so a GIF ends on the grid `sample` would draw
-            x_T = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
-            n_frames = denoising_gif(guide.eps_model_for(eps_model, device) if guide else eps_model, schedule, x_T,
-                                   sampler, torch.Generator(device).manual_seed(args.seed + 1), out)
+            noise = torch.Generator().manual_seed(args.seed)
+            x_T = torch.randn(shape, generator=noise).to(device)
+            steps = torch.Generator(device).manual_seed(args.seed + 1)
+            model = guide.eps_model_for(eps_model, device) if guide else eps_model
+            n_frames = denoising_gif(model, schedule, x_T, sampler, steps, out)
         else:
-            images = generate(eps_model, schedule, sampler, shape, args.seed, args.batch_size, guide)
+            images = generate(eps_model, schedule, sampler, shape, args.seed,
+                              args.batch_size, guide)
             write_samples(images, out, args.format, guide.labels if guide else None)
     dt = time.time() - t0
     what = f"{n_frames} frames" if args.gif else f"{args.n} samples"
@@ -2949,8 +2955,9 @@ def cmd_evaluate(args):
         # now: a missing data set fails before sampling
         train_x = read_data(cfg, args.data_dir)[0]
         t0 = time.time()
-        with blame("--batch-size", device):
-            samples = generate(eps_model, schedule, sampler, (args.n, *IMAGE_SHAPES[cfg.dataset]), args.seed,
+        shape = (args.n, *IMAGE_SHAPES[cfg.dataset])
+        with blame(batch_flag(args), device):
+            samples = generate(eps_model, schedule, sampler, shape, args.seed,
                                args.batch_size, guide)
         labels = guide.labels if guide else None
         how = f"{sampler.name} {sampler.steps} steps, eta {sampler.eta}"
@@ -3013,7 +3020,7 @@ def score_runs(args, eps_model, schedule, cfg, runs):
     for name, sampler, scale in runs:
         t0 = time.time()
         guide = None if labels is None else Guidance(labels, scale, cfg.num_classes)
-        with blame("--batch-size", device):
+        with blame(batch_flag(args), device):
             x = generate(eps_model, schedule, sampler, shape, args.seed, args.batch_size, guide)
         feats, probs = classify(clf, x, device)
         score = fid(feats, cache)
