@@ -912,6 +912,7 @@ def atomic_write(path, write):
     """write(f) into a temporary file beside `path`, fsync it, then rename it over `path`: a kill,
     or a power cut, at any instant leaves the old file or the new one, never half of one."""
     path = Path(path)
+    remove_stale_temps(path.parent)
     tmp = path.with_name(f".{path.name[:200]}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -922,6 +923,33 @@ def atomic_write(path, write):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+WRITTEN = (".pt", ".png", ".gif", ".npz", ".json", ".csv")   # what atomic_write writes
+SWEPT = set()                    # the folders this process has cleared of stale temporaries
+
+def remove_stale_temps(folder):
+    """Remove the temporary files that killed writes left in `folder`: atomic_write's names
+    (.NAME.PID.tmp) whose process no longer runs. Once per folder and process, as a folder
+    of 50,000 PNGs is not listed 50,000 times."""
+    key = os.path.realpath(folder)
+    if key in SWEPT or os.name == "nt":     # Windows: os.kill(pid, 0) would end the process
+        return
+    SWEPT.add(key)
+    for f in Path(folder).glob(".*.tmp"):
+        name, _, pid = f.name[1:-len(".tmp")].rpartition(".")
+        if pid.isdigit() and Path(name).suffix in WRITTEN and not running(int(pid)):
+            with contextlib.suppress(OSError):              # not ours to insist on
+                f.unlink()
+
+def running(pid):
+    """Whether process `pid` lives: signal 0 sends nothing, it only asks."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):    # none, or a number no PID can be
+        return False
+    except PermissionError:                        # another user's
+        return True
+    return True
 
 def save_png(image, path):
     atomic_write(path, lambda f: image.save(f, format="PNG"))

@@ -129,3 +129,23 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoin
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
     bad_step = int(err.split("at step ")[1].split(";")[0])
     assert ck["step"] == bad_step - 1
+
+
+def test_temporary_files_of_killed_writes_are_removed_by_the_next_write(tiny_run, tmp_path):
+    """A write killed mid-way leaves .NAME.PID.tmp beside NAME. The next write into that folder
+    removes it, since its process is gone; a running process's temporary file and the user's
+    own files stay."""
+    import os
+    pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                             capture_output=True, text=True).stdout)     # a process now ended
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [out / f".s.png.{pid}.tmp", out / f".ckpt.pt.{pid}.tmp"]
+    kept = [out / f".s.png.{os.getppid()}.tmp", out / ".notes.tmp", out / f".todo.txt.{pid}.tmp"]
+    for f in stale + kept:
+        f.write_bytes(b"half")
+    dm.main(["sample", "--ckpt", str(tiny_run / "ckpt.pt"), "--n", "2", "--steps", "2",
+             "--device", "cpu", "--out", str(out / "s.png")])
+    assert not any(f.exists() for f in stale)
+    assert all(f.read_bytes() == b"half" for f in kept)
+    assert sorted(f.name for f in out.iterdir()) == sorted([f.name for f in kept] + ["s.png"])
