@@ -818,21 +818,35 @@ CHOICES = dict(dataset=tuple(IMAGE_SHAPES),
                precision=("auto", "bf16", "fp16", "fp32"),
                preset=tuple(PRESETS),
                objective=("eps", "flow"))
-# (kind, lowest, highest) of every number a flag or a config may hold; "float>" excludes the lowest
-RANGES = dict(T=("int", 2, 10_000),
-              beta_1=("float>", 0, 0.999), beta_T=("float>", 0, 0.999),
-              num_res_blocks=("int", 1, 8),
-              lr=("float>", 0, 3.4e38), weight_decay=("float", 0, 10),
-              batch_size=("int", 1, 1_000_000), epochs=("int", 1, 100_000),
-              ema_decay=("float", 0, 0.999999), seed=("int", 0, 2 ** 63 - 1),
-              dropout=("float", 0, 0.99), p_uncond=("float", 0, 1),
-              warmup_steps=("int", 0, 10 ** 9), min_snr_gamma=("float", 0, 1e6),
-              grid_n=("int", 0, 1024), channel=("int", 8, 1024),
-              steps=("int", 1, 1000), eta=("float", 0, 1),
-              guidance=("float", 0, 1000), n=("int", 1, 10 ** 6),
-              max_minutes=("float>", 0, 10 ** 7), max_steps=("int", 1, 10 ** 9),
-              ckpt_every=("int", 0, 10 ** 9),
-              reps=("int", 1, 1000), digits=("int", 1, 16))
+# Every number a flag or a config may hold: (kind, lowest, highest), "float>" excluding the
+# lowest. A config is read from files that anyone may hand over, so each highest is also what
+# keeps a crafted one from asking for terabytes; the comments say what each bound is.
+RANGES = dict(
+    T=("int", 2, 10_000),                # ten times the case study's steps
+    beta_1=("float>", 0, 0.999),         # at beta = 1, x_t holds no signal: black samples
+    beta_T=("float>", 0, 0.999),
+    num_res_blocks=("int", 1, 8),        # the U-Net's depth per level
+    lr=("float>", 0, 3.4e38),            # float32's largest: AdamW updates in float32
+    weight_decay=("float", 0, 10),
+    batch_size=("int", 1, 1_000_000),    # as many as --n: a batch of samples
+    epochs=("int", 1, 100_000),          # 2,000 times the case study's 50
+    ema_decay=("float", 0, 0.999999),    # below 1: at 1 the average never moves
+    seed=("int", 0, 2 ** 63 - 1),        # torch seeds are 64-bit; the grid's is seed + 1
+    dropout=("float", 0, 0.99),          # at 1 every activation is dropped
+    p_uncond=("float", 0, 1),            # a share of the labels
+    warmup_steps=("int", 0, 10 ** 9),    # a billion steps: more than any run takes
+    min_snr_gamma=("float", 0, 1e6),     # above the largest SNR (1e4 here), plain MSE
+    grid_n=("int", 0, 1024),             # a grid that still fits a screen
+    channel=("int", 8, 1024),            # a width of the U-Net: 1024 is 4x the case study's
+    steps=("int", 1, 1000),              # sampler steps, and then at most the model's T
+    eta=("float", 0, 1),                 # 0 DDIM, 1 DDPM's variance
+    guidance=("float", 0, 1000),
+    n=("int", 1, 10 ** 6),               # samples: 2.4 GB of CIFAR-10 images in memory
+    max_minutes=("float>", 0, 10 ** 7),  # 19 years
+    max_steps=("int", 1, 10 ** 9),
+    ckpt_every=("int", 0, 10 ** 9),
+    reps=("int", 1, 1000),               # bench's timed steps
+    digits=("int", 1, 16))               # forward's rows
 
 def check_number(name, v, what):
     """v held to RANGES[name]; `what` names the flag or the file, and the value, in the refusal."""
