@@ -1241,7 +1241,9 @@ def resolve_device(name):
     """'auto' picks cuda, then mps, then cpu; everything else follows this device."""
     mps = torch.backends.mps.is_available()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if mps else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available() or name == "mps" and not mps:
         raise UserError(f"--device {name}: not available on this machine; use --device cpu "
                         "or auto")
@@ -2640,8 +2642,20 @@ def lock_folder(folder):
 def train_config(args):
     """The preset overlaid with the flags given; on --resume, the checkpoint's config. Returns
     the config and the checkpoint to resume from (read once, here)."""
-    # train's recipe flags default to None, so "given" means typed: a preset's value is only
-    # overridden by what the user asked for
+    given = recipe_given(args)
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite: choose one")
+    if args.resume:
+        return resumed_config(args, given)
+    check_new_run(args)
+    if given.get("objective") == "flow":
+        given = flow_settings(args.preset, given)
+    cfg = replace(PRESETS[args.preset], **given)
+    return config_from_dict(asdict(cfg), "train"), None
+
+def recipe_given(args):
+    """The recipe flags typed: they default to None, so that a preset's value is overridden
+    only by what the user asked for."""
     given = {name: getattr(args, name) for name in RECIPE if getattr(args, name) is not None}
     if args.p_uncond is not None and not args.cond:
         raise UserError(f"--p-uncond {args.p_uncond}: only with --cond "
@@ -2650,23 +2664,23 @@ def train_config(args):
         given["num_classes"] = NUM_CLASSES
         if args.p_uncond is not None:
             given["p_uncond"] = args.p_uncond
+    return given
+
+def check_new_run(args):
+    """A new run goes into a new or empty folder, or with --overwrite into a run's own."""
+    folder = Path(args.run_dir)
+    if (folder / "ckpt.pt").exists() and not args.overwrite:
+        raise UserError(f"--run-dir {args.run_dir}: already holds a checkpoint; "
+                        "add --resume to continue it or --overwrite to start over")
+    if folder.is_dir() and any(folder.iterdir()) and not args.overwrite:
+        own = ", ".join(RUN_FILES[:4])
+        raise UserError(f"--run-dir {args.run_dir}: holds files but no checkpoint; "
+                        "give a new or empty folder, or --overwrite to remove "
+                        f"a run's own files there ({own}) and train in it")
+
+def resumed_config(args, given):
+    """(the run's own config, its checkpoint): the flags may lengthen the run, not change it."""
     path = Path(args.run_dir) / "ckpt.pt"
-    if args.resume and args.overwrite:
-        raise UserError("--resume and --overwrite: choose one")
-    if not args.resume:
-        if path.exists() and not args.overwrite:
-            raise UserError(f"--run-dir {args.run_dir}: already holds a checkpoint; "
-                            "add --resume to continue it or --overwrite to start over")
-        folder = Path(args.run_dir)
-        if folder.is_dir() and any(folder.iterdir()) and not args.overwrite:
-            own = ", ".join(RUN_FILES[:4])
-            raise UserError(f"--run-dir {args.run_dir}: holds files but no checkpoint; "
-                            "give a new or empty folder, or --overwrite to remove "
-                            f"a run's own files there ({own}) and train in it")
-        if given.get("objective") == "flow":
-            given = flow_settings(args.preset, given)
-        cfg = replace(PRESETS[args.preset], **given)
-        return config_from_dict(asdict(cfg), "train"), None
     ckpt = load_checkpoint(path, "--resume")
     missing = [k for k in TRAINING_STATE if k not in ckpt]
     if missing:
@@ -2675,14 +2689,12 @@ def train_config(args):
                         "it looks like an `export` file, which can be sampled from but "
                         "not trained further")
     saved = config_from_dict(ckpt["config"], f"--resume: {path}")
-    if args.cond != bool(saved.num_classes):
-        if args.cond:
-            why = (f"--cond: {path} is an unconditional run; "
-                   "a resumed run keeps its config")
-        else:
-            why = (f"--resume: {path} is a class-conditional run; "
-                   "add --cond to resume it")
-        raise UserError(why)
+    if args.cond and not saved.num_classes:
+        raise UserError(f"--cond: {path} is an unconditional run; "
+                        "a resumed run keeps its config")
+    if saved.num_classes and not args.cond:
+        raise UserError(f"--resume: {path} is a class-conditional run; "
+                        "add --cond to resume it")
     # the same run: another lr or width would make another model; only its length grows
     for k, v in given.items():
         if k not in RESUME_MAY_CHANGE and v != getattr(saved, k):
@@ -2971,44 +2983,9 @@ def cmd_evaluate(args):
     sampler = sampler_from_args(args, recorded)
     device = resolve_device(args.device)
     if args.samples:
-        if args.guidance is not None or args.weights != "ema":
-            flag = "--guidance" if args.guidance is not None else "--weights"
-            raise UserError(f"{flag}: with --samples nothing is sampled; leave it out")
-        if args.out:
-            out = Path(args.out)
-        else:                               # beside what it scores
-            out = check_in("--samples", args.samples).with_name("evaluate.json")
-        check_out("--out", out, ".json", [args.samples, args.classifier])
-        check_classifier(args.classifier, [args.samples])
-        samples, labels = read_samples(args.samples)
-        train_x = read_data(RunConfig(), args.data_dir)[0]
-        source = dict(samples_from=f"read from {args.samples}",
-                      samples_file=str(args.samples))
+        out, samples, labels, train_x, source = samples_from_file(args)
     else:
-        # samples/ is the project's: a report on committed weights goes to the current folder
-        path = checkpoint_to_sample(args.ckpt)
-        committed = same_file(path.parent, SHIPPED_CKPT.parent)
-        beside = "evaluate.json" if committed else path.with_name("evaluate.json")
-        out = Path(args.out or beside)
-        eps_model, schedule, cfg = load_for_sampling(
-            args, out, ".json", classifier=args.classifier)
-        # conditional: digits 0-9 in turn
-        guide = guidance_from_args(args, cfg, args.n, 1)
-        # now: a missing data set fails before sampling
-        train_x = read_data(cfg, args.data_dir)[0]
-        t0 = time.time()
-        shape = (args.n, *IMAGE_SHAPES[cfg.dataset])
-        with blame(batch_flag(args), device):
-            samples = generate(eps_model, schedule, sampler, shape, args.seed,
-                               args.batch_size, guide)
-        labels = guide.labels if guide else None
-        how = f"{sampler.name} {sampler.steps} steps, eta {sampler.eta}"
-        if guide:
-            how += f", guidance {guide.scale:g}"
-        how += f", {args.weights} weights, {time.time() - t0:.0f} s on {device}"
-        source = dict(samples_from=how, ckpt=str(path))
-        if guide:
-            source["guidance"] = guide.scale
+        out, samples, labels, train_x, source = samples_from_model(args, sampler, device)
     clf, cache = classifier_cache(args.classifier, args.data_dir, device)
     test_x = read_data(RunConfig(), args.data_dir, train=False)[0]
     r = evaluate_samples(samples, clf, cache, train_x, test_x, device,
@@ -3017,6 +2994,50 @@ def cmd_evaluate(args):
     print(report_table(r))
     save_text(json.dumps(r, indent=2) + "\n", out)
     print(f"wrote {out}")
+
+def samples_from_file(args):
+    """evaluate --samples: (report path, the samples, their labels or None, MNIST's training
+    images, where the samples came from)."""
+    if args.guidance is not None or args.weights != "ema":
+        flag = "--guidance" if args.guidance is not None else "--weights"
+        raise UserError(f"{flag}: with --samples nothing is sampled; leave it out")
+    if args.out:
+        out = Path(args.out)
+    else:                                   # beside what it scores
+        out = check_in("--samples", args.samples).with_name("evaluate.json")
+    check_out("--out", out, ".json", [args.samples, args.classifier])
+    check_classifier(args.classifier, [args.samples])
+    samples, labels = read_samples(args.samples)
+    train_x = read_data(RunConfig(), args.data_dir)[0]
+    source = dict(samples_from=f"read from {args.samples}", samples_file=str(args.samples))
+    return out, samples, labels, train_x, source
+
+def samples_from_model(args, sampler, device):
+    """evaluate's own samples: (report path, the samples, the labels asked for or None,
+    MNIST's training images, how the samples were drawn)."""
+    # samples/ is the project's: a report on committed weights goes to the current folder
+    path = checkpoint_to_sample(args.ckpt)
+    committed = same_file(path.parent, SHIPPED_CKPT.parent)
+    beside = "evaluate.json" if committed else path.with_name("evaluate.json")
+    out = Path(args.out or beside)
+    eps_model, schedule, cfg = load_for_sampling(args, out, ".json",
+                                                 classifier=args.classifier)
+    guide = guidance_from_args(args, cfg, args.n, 1)      # conditional: digits 0-9 in turn
+    train_x = read_data(cfg, args.data_dir)[0]    # now: no data set fails before sampling
+    t0 = time.time()
+    shape = (args.n, *IMAGE_SHAPES[cfg.dataset])
+    with blame(batch_flag(args), device):
+        samples = generate(eps_model, schedule, sampler, shape, args.seed,
+                           args.batch_size, guide)
+    how = f"{sampler.name} {sampler.steps} steps, eta {sampler.eta}"
+    if guide:
+        how += f", guidance {guide.scale:g}"
+    how += f", {args.weights} weights, {time.time() - t0:.0f} s on {device}"
+    source = dict(samples_from=how, ckpt=str(path))
+    if guide:
+        source["guidance"] = guide.scale
+    labels = guide.labels if guide else None
+    return out, samples, labels, train_x, source
 
 COMPARE = (("DDPM 1000", Sampler("ddpm", 1000)),
            ("DDIM 10", Sampler("ddim", 10)),
