@@ -1298,17 +1298,31 @@ def start_processes(args, cfg):
     if cfg.batch_size % world:
         raise UserError(f"--batch-size {cfg.batch_size}: must divide evenly over the "
                         f"{world} processes (it is the global batch)")
+    device = process_device(args.device, device, local_rank, local_world)
+    join_group(device, rank, world)
+    # one download, not one per process into the same folder
+    if rank == 0:
+        read_data(cfg, args.data_dir)
+    torch.distributed.barrier()
+    return device, rank, world
+
+def process_device(flag, device, local_rank, local_world):
+    """This process's device: CUDA device local_rank, one per process, or the CPU."""
     if device.type == "cuda":
         visible = torch.cuda.device_count()
         if visible < local_world:
-            raise UserError(f"--device {args.device}: {local_world} processes on this "
+            raise UserError(f"--device {flag}: {local_world} processes on this "
                             f"machine but {visible} visible CUDA devices; one process "
                             "per device")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     elif device.type != "cpu":
-        raise UserError(f"--device {args.device}: several processes run on CUDA (nccl) "
+        raise UserError(f"--device {flag}: several processes run on CUDA (nccl) "
                         "or the CPU (gloo)")
+    return device
+
+def join_group(device, rank, world):
+    """Join the other processes, giving up after a minute rather than waiting forever."""
     from datetime import timedelta
     backend = "nccl" if device.type == "cuda" else "gloo"
     try:
@@ -1318,11 +1332,6 @@ def start_processes(args, cfg):
         raise UserError(f"torchrun: process {rank} could not join the other {world - 1} "
                         f"within a minute ({type(e).__name__}); start every process "
                         "with torchrun") from None
-    # one download, not one per process into the same folder
-    if rank == 0:
-        read_data(cfg, args.data_dir)
-    torch.distributed.barrier()
-    return device, rank, world
 
 def all_sum(x, world):
     if world > 1:
@@ -1996,23 +2005,31 @@ def classifier_cache(path, data_dir, device):
     trained and written on first use; a file that is not one is refused in one line."""
     path = Path(path)
     if path.exists():
-        try:
-            # a folder fails here too
-            c = torch.load(path, map_location="cpu", weights_only=True)
-            clf = Classifier()
-            weights = c["model"] if isinstance(c, dict) else None
-            clf.load_state_dict(weights)   # the right tensors, or it raises
-            numbers_ok = (isinstance(c["test_accuracy"], float)
-                          and isinstance(c["n_test"], int))
-            shapes_ok = (c["test_mu"].shape == (128,)
-                         and c["test_sigma"].shape == (128, 128))
-            if not (numbers_ok and shapes_ok):
-                raise ValueError
-        except Exception:
-            why = ("not an evaluation classifier made by this program; "
-                   "delete it to train one there, or give another path")
-            raise UserError(f"--classifier {path}: {why}") from None
-        return clf.to(device).eval().requires_grad_(False), c
+        return load_classifier(path, device)
+    return make_classifier(path, data_dir, device)
+
+def load_classifier(path, device):
+    """(the classifier, its cache) from a file classifier_cache wrote, or one line."""
+    try:
+        # a folder fails here too
+        c = torch.load(path, map_location="cpu", weights_only=True)
+        clf = Classifier()
+        weights = c["model"] if isinstance(c, dict) else None
+        clf.load_state_dict(weights)   # the right tensors, or it raises
+        numbers_ok = (isinstance(c["test_accuracy"], float)
+                      and isinstance(c["n_test"], int))
+        shapes_ok = (c["test_mu"].shape == (128,)
+                     and c["test_sigma"].shape == (128, 128))
+        if not (numbers_ok and shapes_ok):
+            raise ValueError
+    except Exception:
+        why = ("not an evaluation classifier made by this program; "
+               "delete it to train one there, or give another path")
+        raise UserError(f"--classifier {path}: {why}") from None
+    return clf.to(device).eval().requires_grad_(False), c
+
+def make_classifier(path, data_dir, device):
+    """Train the classifier on MNIST, score it on the test set and cache both in `path`."""
     # the nearest folder that exists: the cache's missing folders would be made in it
     ancestors = [path.parent, *path.parent.parents]
     folder = next(a for a in ancestors if a.exists())
