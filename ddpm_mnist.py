@@ -1716,8 +1716,9 @@ def noise_bin_names(cfg):
     if cfg.objective == "flow":
         edges = [b / NOISE_BINS for b in range(NOISE_BINS + 1)]    # times in [0, 1]
         return [f"loss_t{lo:.2f}-{hi:.2f}" for lo, hi in zip(edges, edges[1:])]
-    edges = [b * cfg.T // NOISE_BINS for b in range(NOISE_BINS + 1)]  # indices 0..T
-    # the paper's t is the index + 1
+    # the first index of each quarter, ceil(b T / 4), as noise_bin's floor(4 t / T) draws
+    # them; the paper's t is the index + 1
+    edges = [-(-b * cfg.T // NOISE_BINS) for b in range(NOISE_BINS + 1)]
     return [f"loss_t{lo + 1}-{hi}" for lo, hi in zip(edges, edges[1:])]
 
 def write_loss_csv(history, path, cfg):

@@ -179,6 +179,16 @@ def test_the_flow_draw_is_uniform_in_time_and_binned_in_quarters():
     assert dm.noise_bin_names(eps)[0] == "loss_t1-250"
 
 
+def test_loss_csv_columns_name_the_steps_each_quarter_holds_for_any_T():
+    """Each column's t range is the paper's t (index + 1) of the indices noise_bin puts in that
+    quarter, counted one by one, for T that 4 divides and T that it does not."""
+    for T in (10, 13, 999, 1000):
+        cfg = dm.RunConfig(T=T)
+        quarter = dm.noise_bin(torch.arange(T), cfg).tolist()
+        want = [f"loss_t{quarter.index(b) + 1}-{T - quarter[::-1].index(b)}" for b in range(4)]
+        assert dm.noise_bin_names(cfg) == want, T
+
+
 def test_guidance_mixes_velocities_as_it_mixes_noises():
     def v_model(x, t, y):                   # a label-dependent field; y = 10 is the null label
         return x * (1 + y.float().view(-1, 1, 1, 1) / 10)
