@@ -751,8 +751,9 @@ def flow_sample(v_model, x_T, steps=DDIM_STEPS, on_step=None):
 #   after each (losses, checkpoint, loss.csv, grid, the clock); close_books() says how it ended.
 # =============================================================================
 # the tool's imports, not the DDPM's
-import argparse, contextlib, functools, io, json, os, pickle, shlex, signal, sys, tempfile, time
-import warnings
+import argparse, contextlib, functools, io, json, os, pickle
+import shlex, signal, sys, tempfile, time, zipfile
+from datetime import timedelta
 from dataclasses import asdict, field, fields, replace
 from pathlib import Path
 
@@ -1321,9 +1322,12 @@ def process_device(flag, device, local_rank, local_world):
                         "or the CPU (gloo)")
     return device
 
+GROUP_TIMEOUT = timedelta(minutes=30)    # torch's own default for a group
+
 def join_group(device, rank, world):
-    """Join the other processes, giving up after a minute rather than waiting forever."""
-    from datetime import timedelta
+    """Join the other processes, giving up after a minute rather than waiting forever. The
+    group's timeout then grows to GROUP_TIMEOUT, since every collective keeps it: the others
+    wait for process 0 while it downloads the data, writes a checkpoint or draws a grid."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     try:
         torch.distributed.init_process_group(backend, timeout=timedelta(minutes=1))
@@ -1332,6 +1336,9 @@ def join_group(device, rank, world):
         raise UserError(f"torchrun: process {rank} could not join the other {world - 1} "
                         f"within a minute ({type(e).__name__}); start every process "
                         "with torchrun") from None
+    # public as set_timeout from torch 2.6 (or so); before, only the private name
+    set_timeout = getattr(torch.distributed, "set_timeout", None)
+    (set_timeout or torch.distributed.distributed_c10d._set_pg_timeout)(GROUP_TIMEOUT)
 
 def all_sum(x, world):
     if world > 1:
@@ -1911,7 +1918,6 @@ NPZ_LIMIT = RANGES["n"][2] * (32 * 32 * 3 + 8) + 2 ** 20
 
 def npz_size(path):
     """The bytes an .npz holds once decompressed, from its zip directory (0 if not a zip)."""
-    import zipfile
     try:
         with zipfile.ZipFile(path) as z:
             return sum(i.file_size for i in z.infolist())

@@ -129,3 +129,23 @@ def test_more_processes_than_cards_is_refused_before_joining(monkeypatch):
         dm.start_processes(args, dm.RunConfig())
     with pytest.raises(dm.UserError, match="--batch-size 126: must divide evenly over the 4"):
         dm.start_processes(args, dm.RunConfig(batch_size=126))
+
+
+def test_the_one_minute_limit_is_for_joining_and_collectives_wait_as_long_as_torchs_default(monkeypatch):
+    """torchrun's group joins within a minute, and then its timeout is GROUP_TIMEOUT, 30
+    minutes: every collective keeps the group's timeout, and the others wait in one while
+    process 0 writes a checkpoint or draws a grid. One process, gloo, on this machine."""
+    from datetime import timedelta
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1").items():
+        monkeypatch.setenv(k, v)
+    dm.join_group(torch.device("cpu"), 0, 1)
+    try:
+        group = torch.distributed.distributed_c10d._get_default_group()
+        timeout = group._get_backend(torch.device("cpu")).options._timeout
+        assert timeout == timedelta(minutes=30) == dm.GROUP_TIMEOUT
+    finally:
+        torch.distributed.destroy_process_group()
