@@ -849,6 +849,9 @@ RANGES = dict(
     reps=("int", 1, 1000),               # bench's timed steps
     digits=("int", 1, 16))               # forward's rows
 
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
 def check_number(name, v, what):
     """v held to RANGES[name]; `what` names the flag or the file, and the value, in the refusal."""
     kind, lo, hi = RANGES[name]
@@ -1142,12 +1145,14 @@ def checkpoint_to_sample(ckpt_flag):
     return SHIPPED_CKPT
 
 def trained_note(r):
-    if not isinstance(r, dict):
+    """How long a model trained, from an export's record (any file's: each part checked)."""
+    if not (isinstance(r, dict) and is_number(r.get("step")) and is_number(r.get("epochs"))):
         return "its training length is not recorded in the file"
-    text = f"trained {r.get('step', 0):,} steps ({r.get('epochs', 0):.1f} epochs)"
-    if isinstance(r.get("seconds"), (int, float)):
+    text = f"trained {int(r['step']):,} steps ({r['epochs']:.1f} epochs)"
+    if is_number(r.get("seconds")):
         text += f" in {r['seconds'] / 60:.1f} min"
-    return text + f" on {r.get('device') or 'an unrecorded device'}"
+    device = r.get("device")
+    return text + f" on {device if isinstance(device, str) else 'an unrecorded device'}"
 
 def set_lr(opt, lr):
     for g in opt.param_groups:
@@ -1449,14 +1454,19 @@ def build_run(cfg, device, world=1, compile=False, graph=False):
         p.opt, loss_fn = ScaledOptimizer(p.opt, scaler), scale_loss(loss_fn, scaler)
     return p, loss_fn
 
-def is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def is_epoch_row(row):
+    """A row of a run's history as save_books writes it (loss_by_t is absent in old runs)."""
+    numbers = ("epoch", "step", "mean_loss", "seconds")
+    if not (isinstance(row, dict) and all(is_number(row.get(k)) for k in numbers)):
+        return False
+    by_t = row.get("loss_by_t", [])
+    return isinstance(by_t, list) and len(by_t) <= NOISE_BINS and all(map(is_number, by_t))
 
 def check_books(ckpt, params):
     """ValueError unless the books are what save_checkpoint writes and AdamW's moments fit the
     parameters tensor by tensor: a misfit would crash the fused step, not explain itself."""
     if not (is_number(ckpt["epoch_loss_sum"]) and is_number(ckpt["seconds"])
-            and isinstance(ckpt["history"], list)):
+            and isinstance(ckpt["history"], list) and all(map(is_epoch_row, ckpt["history"]))):
         raise ValueError("epoch_loss_sum, seconds or history")
     for key in ("bin_loss_sums", "bin_counts"):
         v = ckpt.get(key, [0.0] * NOISE_BINS)
@@ -2863,8 +2873,12 @@ def recorded_config(path):
     """The config a checkpoint records, read without its weights, so the flags can be checked
     against its model before any work; the case study's if the file cannot be read (loading it
     then says why)."""
+    d = peek(path)
+    if not d and Path(path).is_file():     # torch's legacy format cannot be peeked: read whole
+        with contextlib.suppress(UserError):
+            d = load_checkpoint(path)
     with contextlib.suppress(UserError):
-        return config_from_dict(peek(path).get("config"), f"--ckpt {path}")
+        return config_from_dict(d.get("config"), f"--ckpt {path}")
     return RunConfig()
 
 def sampler_from_args(args, cfg):
@@ -3187,8 +3201,9 @@ def cmd_export(args):
     trained = ckpt.get("trained")               # an export's own record, kept as it is
     if not isinstance(trained, dict) and isinstance(ckpt.get("step"), int):
         # a run's: how long it trained; older runs did not save their steps per epoch
-        default_spe = TRAIN_IMAGES[cfg.dataset] // cfg.batch_size
-        spe = ckpt.get("steps_per_epoch", default_spe)
+        spe = ckpt.get("steps_per_epoch")
+        if not (isinstance(spe, int) and spe > 0):
+            spe = TRAIN_IMAGES[cfg.dataset] // cfg.batch_size
         trained = dict(step=ckpt["step"], epochs=ckpt["step"] / spe,
                        seconds=ckpt.get("seconds"), device=ckpt.get("device"))
     # fp16 keeps 11 bits of mantissa; the weights of a trained net lie far inside its range

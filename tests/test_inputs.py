@@ -68,7 +68,8 @@ def home(tmp_path_factory, tiny_run, mnist_dir, classifier):
                     "param_groups": c["opt"]["param_groups"]}
         c["opt"]["state"][0]["exp_avg"] = torch.zeros(3)
     for name, change in [("expavg", misshape_moment),
-                         ("bins", lambda c: c.__setitem__("bin_loss_sums", "abc"))]:
+                         ("bins", lambda c: c.__setitem__("bin_loss_sums", "abc")),
+                         ("histrow", lambda c: c.__setitem__("history", [{"epoch": "one"}]))]:
         (h / f"run_{name}").mkdir()
         crafted(f"run_{name}/ckpt.pt", change)
     make_mnist(h / "data_small", n_train=128)
@@ -146,6 +147,7 @@ CASES = [  # (command line, words the one line must hold)
     # crafted state, weights and configs: checked before any work
     ("train --run-dir run_expavg --resume --epochs 3 --data-dir data", "optimizer exp_avg of parameter 0"),
     ("train --run-dir run_bins --resume --epochs 3 --data-dir data", "bin_loss_sums"),
+    ("train --run-dir run_histrow --resume --epochs 3 --data-dir data", "seconds or history"),
     ("sample --ckpt nan.pt --out out/s.png", "--ckpt: 1 of its weight tensors hold NaN"),
     ("sample --ckpt cfg_beta_T_1.0.pt --out out/s.png", "config beta_T 1.0: need a number above 0 and at most 0.999"),
     ("sample --ckpt cfg_T_10.pt --out out/s.png", "--steps 50: this model has T=10 timesteps"),
@@ -275,3 +277,16 @@ def test_a_grid_out_of_memory_blames_grid_n_keeps_the_checkpoint_and_resumes_wit
     assert e.value.code == 1 and err.startswith("error: --grid-n:") and "(step 8)" in err, err
     dm.main(["train", "--resume", "--grid-n", "0", *args])          # the grid is a picture, not the model
     assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 16
+
+
+def test_a_crafted_training_record_is_not_stated_and_breaks_nothing(tiny_run, tmp_path, capsys):
+    """How long a model trained is only a note: an export's record that is not numbers, or a
+    run's steps per epoch of 0, is said to be unrecorded (or falls back), with no traceback."""
+    ck = torch.load(tiny_run / "ckpt.pt", weights_only=True)
+    torch.save(dict(ck, steps_per_epoch=0), tmp_path / "spe0.pt")
+    dm.main(["export", "--ckpt", str(tmp_path / "spe0.pt"), "--out", str(tmp_path / "e.pt")])
+    assert "trained 16 steps" in capsys.readouterr().out
+    e = torch.load(tmp_path / "e.pt", weights_only=True)
+    torch.save(dict(e, trained=dict(step="abc", epochs=None, device=7)), tmp_path / "bad.pt")
+    dm.main(["export", "--ckpt", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "e2.pt")])
+    assert "its training length is not recorded in the file" in capsys.readouterr().out

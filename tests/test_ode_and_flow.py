@@ -296,6 +296,21 @@ def test_a_flow_model_samples_with_euler_and_refuses_the_noise_samplers(flow_run
     assert not (tmp_path / "x.png").exists()
 
 
+def test_a_flow_model_in_torchs_legacy_format_is_still_known_as_one(flow_run, tmp_path, capsys):
+    """A file torch.load reads but cannot open without reading it whole (the pre-1.6 format):
+    the sampler still follows its config, euler by default, the noise samplers refused."""
+    legacy = tmp_path / "legacy_flow.pt"
+    ck = torch.load(flow_run / "ref" / "ckpt.pt", weights_only=True)
+    torch.save(ck, legacy, _use_new_zipfile_serialization=False)
+    dm.main(["sample", "--ckpt", str(legacy), "--n", "2", "--steps", "3", "--format", "npz",
+             "--out", str(tmp_path / "f.npz"), "--device", "cpu"])
+    assert "euler 3 steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        dm.main(["sample", "--ckpt", str(legacy), "--sampler", "ddim", "--n", "2",
+                 "--out", str(tmp_path / "x.png"), "--device", "cpu"])
+    assert e.value.code == 2 and "--sampler" in capsys.readouterr().err
+
+
 def test_compare_has_dpm_solver_rows_for_a_noise_model_and_euler_rows_for_a_flow(
         flow_run, tiny_run, mnist_dir, classifier, tmp_path, capsys):
     for ckpt, want in ((flow_run / "ref" / "ckpt.pt", ["Euler 10", "Euler 20", "Euler 50"]),
