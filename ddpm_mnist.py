@@ -752,7 +752,7 @@ def flow_sample(v_model, x_T, steps=DDIM_STEPS, on_step=None):
 # =============================================================================
 # the tool's imports, not the DDPM's
 import argparse, contextlib, functools, io, json, os, pickle
-import shlex, signal, sys, tempfile, time, zipfile
+import platform, shlex, signal, sys, tempfile, time, zipfile
 from datetime import timedelta
 from dataclasses import asdict, field, fields, replace
 from pathlib import Path
@@ -926,12 +926,16 @@ def count_params(model):
 # -----------------------------------------------------------------------------
 # III.2 Files that survive a kill at any instant and never replace what is not theirs.
 
+TEMP_END = ".ddpm_mnist.tmp"       # the end of every temporary name atomic_write makes
+HOST = platform.node()[:40]        # in it: a folder may be shared by several machines
+
 def atomic_write(path, write):
     """write(f) into a temporary file beside `path`, fsync it, then rename it over `path`: a kill,
     or a power cut, at any instant leaves the old file or the new one, never half of one."""
     path = Path(path)
     remove_stale_temps(path.parent)
-    tmp = path.with_name(f".{path.name[:200]}.{os.getpid()}.tmp")
+    # .NAME.HOST-PID.ddpm_mnist.tmp, cut to fit the 255 bytes a name may have
+    tmp = path.with_name(f".{path.name[:150]}.{HOST}-{os.getpid()}{TEMP_END}")
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -942,20 +946,20 @@ def atomic_write(path, write):
         if tmp.exists():
             tmp.unlink()
 
-WRITTEN = (".pt", ".png", ".gif", ".npz", ".json", ".csv")   # what atomic_write writes
-SWEPT = set()                    # the folders this process has cleared of stale temporaries
+SWEPT = set()                      # the folders this process has cleared of stale temporaries
 
 def remove_stale_temps(folder):
-    """Remove the temporary files that killed writes left in `folder`: atomic_write's names
-    (.NAME.PID.tmp) whose process no longer runs. Once per folder and process, as a folder
-    of 50,000 PNGs is not listed 50,000 times."""
+    """Remove the temporary files that killed writes on this machine left in `folder`:
+    atomic_write's, whose process no longer runs. Once per folder and process, as a folder of
+    50,000 PNGs is not listed 50,000 times."""
     key = os.path.realpath(folder)
     if key in SWEPT or os.name == "nt":     # Windows: os.kill(pid, 0) would end the process
         return
     SWEPT.add(key)
-    for f in Path(folder).glob(".*.tmp"):
-        name, _, pid = f.name[1:-len(".tmp")].rpartition(".")
-        if pid.isdigit() and Path(name).suffix in WRITTEN and not running(int(pid)):
+    for f in Path(folder).glob(".*" + TEMP_END):
+        host, _, pid = f.name[:-len(TEMP_END)].rpartition("-")
+        ours = host.endswith("." + HOST) and pid.isdigit()
+        if ours and not running(int(pid)):
             with contextlib.suppress(OSError):              # not ours to insist on
                 f.unlink()
 
@@ -2654,7 +2658,7 @@ def build_parser():
 # the run's length and its pictures, not its model
 RESUME_MAY_CHANGE = ("epochs", "grid_n")
 # what train writes
-RUN_FILES = ("ckpt.pt", "config.json", "loss.csv", "grid_epoch*.png", ".*.tmp")
+RUN_FILES = ("ckpt.pt", "config.json", "loss.csv", "grid_epoch*.png", ".*.tmp")  # and kills' temps
 
 def lock_folder(folder):
     """Hold an exclusive lock on the run folder while this process lives: a second train there is

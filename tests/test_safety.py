@@ -132,16 +132,19 @@ def test_a_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoin
 
 
 def test_temporary_files_of_killed_writes_are_removed_by_the_next_write(tiny_run, tmp_path):
-    """A write killed mid-way leaves .NAME.PID.tmp beside NAME. The next write into that folder
-    removes it, since its process is gone; a running process's temporary file and the user's
-    own files stay."""
+    """A write killed mid-way leaves .NAME.HOST-PID.ddpm_mnist.tmp beside NAME. The next write
+    into that folder removes it, since its process is gone; a running process's temporary file,
+    another machine's and the user's own files stay."""
     import os
     pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                              capture_output=True, text=True).stdout)     # a process now ended
     out = tmp_path / "out"
     out.mkdir()
-    stale = [out / f".s.png.{pid}.tmp", out / f".ckpt.pt.{pid}.tmp"]
-    kept = [out / f".s.png.{os.getppid()}.tmp", out / ".notes.tmp", out / f".todo.txt.{pid}.tmp"]
+    temp = lambda name, host, pid: out / f".{name}.{host}-{pid}.ddpm_mnist.tmp"
+    stale = [temp("s.png", dm.HOST, pid), temp("ckpt.pt", dm.HOST, pid)]
+    kept = [temp("s.png", dm.HOST, os.getppid()),          # a process that runs
+            temp("s.png", "another-host", pid),            # another machine's, sharing the folder
+            out / ".notes.tmp", out / f".todo.txt.{pid}.tmp"]
     for f in stale + kept:
         f.write_bytes(b"half")
     dm.main(["sample", "--ckpt", str(tiny_run / "ckpt.pt"), "--n", "2", "--steps", "2",
