@@ -1281,7 +1281,8 @@ def blame(flag, device, also=None):
 # -----------------------------------------------------------------------------
 # III.5 Several processes, through torchrun: every process draws the whole batch from the same
 # generator and keeps its share, and DistributedDataParallel averages the gradients, so N
-# processes take the same steps as one and a checkpoint resumes under any N.
+# processes take the same steps as one and a checkpoint resumes under any N. Not so with
+# dropout (the CIFAR-10 network): each process draws its masks from its own torch generator.
 
 def start_processes(args, cfg):
     """Under torchrun: check what every process must agree on, then join the group, giving up after
@@ -1498,6 +1499,8 @@ def restore(ckpt, p, path):
         if ckpt.get("scaler") and isinstance(p.opt, ScaledOptimizer):
             p.opt.scaler.load_state_dict(ckpt["scaler"])
         p.gen.set_state(ckpt["rng"])
+        if "torch_rng" in ckpt:                     # older runs did not keep it
+            set_torch_rng(ckpt["torch_rng"], p.gen.device)
     except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
         why = (str(e).strip().splitlines() or [""])[0][:120]
         raise UserError(f"--resume: {path}: its training state does not fit this run "
@@ -1691,12 +1694,26 @@ def save_checkpoint(bk, step):
                 model=p.model.state_dict(), ema=p.ema.state_dict(),
                 opt=p.opt.state_dict(),
                 scaler=scaler.state_dict() if scaler else {},
-                step=step, rng=p.gen.get_state(), steps_per_epoch=bk.steps_per_epoch,
+                step=step, rng=p.gen.get_state(), torch_rng=torch_rng_state(dev),
+                steps_per_epoch=bk.steps_per_epoch,
                 epoch_loss_sum=bk.epoch_loss.item(),
                 bin_loss_sums=bk.bin_loss.tolist(), bin_counts=bk.bin_count.tolist(),
                 history=bk.history, seconds=bk.seconds,
                 versions=dict(torch=str(torch.__version__)), device=device)
     atomic_write(bk.run_dir / "ckpt.pt", lambda f: torch.save(ckpt, f))
+
+def torch_rng_state(device):
+    """torch's own generators, which dropout draws its masks from (II.4's CIFAR-10 network):
+    kept, so that a resumed run draws the masks the uninterrupted one would."""
+    state = dict(cpu=torch.get_rng_state())
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+def set_torch_rng(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 def resume_command(bk):
     """The command that continues this run, quoted for a shell."""

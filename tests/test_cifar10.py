@@ -70,6 +70,21 @@ def test_cifar10_trains_and_samples_in_colour(cifar_dir, tmp_path):
     assert r.returncode == 2 and "pytorch-fid" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_a_run_with_dropout_resumes_bitwise(cifar_dir, tmp_path):
+    """Dropout draws its masks from torch's own generator, which the checkpoint keeps: two
+    epochs in one go, and the same cut at step 3 and resumed, end bit for bit alike."""
+    args = ["--preset", "cifar10", "--channels", "8,8,16,16", "--batch-size", "8", "--epochs", "2",
+            "--grid-n", "0", "--data-dir", str(cifar_dir), "--device", "cpu"]
+    dm.main(["train", *args, "--run-dir", str(tmp_path / "whole")])
+    dm.main(["train", *args, "--max-steps", "3", "--run-dir", str(tmp_path / "cut")])
+    dm.main(["train", "--resume", "--data-dir", str(cifar_dir), "--device", "cpu",
+             "--run-dir", str(tmp_path / "cut")])
+    a, b = (torch.load(tmp_path / r / "ckpt.pt", weights_only=True) for r in ("whole", "cut"))
+    assert a["config"]["dropout"] > 0 and a["step"] == b["step"] == 10
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
 def test_unet_at_32_px_with_attention():
     net = dm.CifarUNet((8, 8, 16, 16), 1, attn_sizes=(16,), dropout=0.1)
     assert net.sizes == [32, 16, 8, 4]
