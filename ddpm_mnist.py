@@ -2080,9 +2080,9 @@ def make_classifier(path, data_dir, device):
         raise UserError(f"--data-dir {data_dir}: {len(images)} training images cannot "
                         "train the evaluation classifier; it needs at least "
                         f"{CLASSIFIER_BATCH}")
+    test_x, test_y = read_data(RunConfig(), data_dir, train=False)   # before the training
     print(f"training the evaluation classifier (once; cached in {path})")
     clf = train_classifier(images, labels, device)
-    test_x, test_y = read_data(RunConfig(), data_dir, train=False)
     feats, probs = classify(clf, test_x, device)
     mu, sigma = gaussian_fit(feats)
     accuracy = float((probs.argmax(1) == test_y).double().mean())
@@ -3025,12 +3025,14 @@ def report_table(r):
     return f"N={r['n']} samples\n" + "\n".join(lines)
 
 def check_classifier(path, inputs):
-    """evaluate's and compare's --classifier: read if it exists (and checked then), else trained
-    and written."""
+    """evaluate's and compare's --classifier, before any sampling: one that exists is read and
+    checked, a new one will be written as .pt."""
     if any(i is not None and same_file(i, path) for i in inputs):
         raise UserError(f"--classifier {path}: is also another input or output "
                         "of this command")
-    if not Path(path).exists() and Path(path).suffix != ".pt":
+    if Path(path).exists():
+        load_classifier(Path(path), torch.device("cpu"))
+    elif Path(path).suffix != ".pt":
         raise UserError(f"--classifier {path}: must end in .pt, "
                         "the classifier this writes on first use")
 
@@ -3042,11 +3044,11 @@ def cmd_evaluate(args):
     sampler = sampler_from_args(args, recorded)
     device = resolve_device(args.device)
     if args.samples:
-        out, samples, labels, train_x, source = samples_from_file(args)
+        out, samples, labels, (train_x, test_x), source = samples_from_file(args)
     else:
-        out, samples, labels, train_x, source = samples_from_model(args, sampler, device)
+        out, samples, labels, (train_x, test_x), source = samples_from_model(args, sampler,
+                                                                           device)
     clf, cache = classifier_cache(args.classifier, args.data_dir, device)
-    test_x = read_data(RunConfig(), args.data_dir, train=False)[0]
     r = evaluate_samples(samples, clf, cache, train_x, test_x, device,
                          args.seed, labels)
     r.update(source)                        # where the samples came from
@@ -3054,9 +3056,14 @@ def cmd_evaluate(args):
     save_text(json.dumps(r, indent=2) + "\n", out)
     print(f"wrote {out}")
 
+def mnist_images(data_dir):
+    """MNIST's training and test images, which evaluate scores samples against."""
+    train_x = read_data(RunConfig(), data_dir)[0]
+    return train_x, read_data(RunConfig(), data_dir, train=False)[0]
+
 def samples_from_file(args):
     """evaluate --samples: (report path, the samples, their labels or None, MNIST's training
-    images, where the samples came from)."""
+    and test images, where the samples came from)."""
     if args.guidance is not None or args.weights != "ema":
         flag = "--guidance" if args.guidance is not None else "--weights"
         raise UserError(f"{flag}: with --samples nothing is sampled; leave it out")
@@ -3067,13 +3074,12 @@ def samples_from_file(args):
     check_out("--out", out, ".json", [args.samples, args.classifier])
     check_classifier(args.classifier, [args.samples])
     samples, labels = read_samples(args.samples)
-    train_x = read_data(RunConfig(), args.data_dir)[0]
     source = dict(samples_from=f"read from {args.samples}", samples_file=str(args.samples))
-    return out, samples, labels, train_x, source
+    return out, samples, labels, mnist_images(args.data_dir), source
 
 def samples_from_model(args, sampler, device):
     """evaluate's own samples: (report path, the samples, the labels asked for or None,
-    MNIST's training images, how the samples were drawn)."""
+    MNIST's training and test images, how the samples were drawn)."""
     # samples/ is the project's: a report on committed weights goes to the current folder
     path = checkpoint_to_sample(args.ckpt)
     committed = same_file(path.parent, SHIPPED_CKPT.parent)
@@ -3082,7 +3088,7 @@ def samples_from_model(args, sampler, device):
     eps_model, schedule, cfg = load_for_sampling(args, out, ".json",
                                                  classifier=args.classifier)
     guide = guidance_from_args(args, cfg, args.n, 1)      # conditional: digits 0-9 in turn
-    train_x = read_data(cfg, args.data_dir)[0]    # now: no data set fails before sampling
+    real = mnist_images(args.data_dir)      # now: no data set fails before sampling
     t0 = time.time()
     shape = (args.n, *IMAGE_SHAPES[cfg.dataset])
     with blame(batch_flag(args), device):
@@ -3096,7 +3102,7 @@ def samples_from_model(args, sampler, device):
     if guide:
         source["guidance"] = guide.scale
     labels = guide.labels if guide else None
-    return out, samples, labels, train_x, source
+    return out, samples, labels, real, source
 
 COMPARE = (("DDPM 1000", Sampler("ddpm", 1000)),
            ("DDIM 10", Sampler("ddim", 10)),

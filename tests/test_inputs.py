@@ -290,3 +290,23 @@ def test_a_crafted_training_record_is_not_stated_and_breaks_nothing(tiny_run, tm
     torch.save(dict(e, trained=dict(step="abc", epochs=None, device=7)), tmp_path / "bad.pt")
     dm.main(["export", "--ckpt", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "e2.pt")])
     assert "its training length is not recorded in the file" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_a_bad_classifier_or_missing_test_digits_before_sampling(home, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """What can fail is checked before minutes of sampling: here sampling itself fails the test."""
+    def no_sampling(*args, **kw):
+        raise AssertionError("sampled before checking")
+    monkeypatch.setattr(dm, "generate", no_sampling)
+    monkeypatch.chdir(home)
+    raw = tmp_path / "notest" / "MNIST" / "raw"              # training digits, no test digits
+    raw.mkdir(parents=True)
+    for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        shutil.copy(home / "data" / "MNIST" / "raw" / f, raw / f)
+    for extra, words in ((["--classifier", "clf_dict.pt"], "--classifier clf_dict.pt"),
+                         (["--data-dir", str(tmp_path / "notest")], "--data-dir")):
+        with pytest.raises(SystemExit) as e:
+            dm.main(["evaluate", "--ckpt", "a/ckpt.pt", "--device", "cpu", "--out", "out/e.json",
+                     *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and words in err and err.count("\n") == 1, err
