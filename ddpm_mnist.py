@@ -1490,6 +1490,11 @@ def restore(ckpt, p, path):
     """Put a run back where its checkpoint left it: weights, AdamW's moments, the scaler and the
     generator of t and eps; a state that does not fit is one line. The lr is open_books' to
     set."""
+    saved_on = str(ckpt.get("device", "")).split(" ")[0]         # "cpu", "cuda (H100)"
+    here = p.gen.device.type
+    if saved_on in ("cpu", "cuda", "mps") and saved_on != here:
+        raise UserError(f"--resume: {path}: trained on {saved_on}, and its generator of t "
+                        f"and eps is a {saved_on} one; resume it with --device {saved_on}")
     try:
         if not isinstance(ckpt["step"], int) or ckpt["step"] < 0:
             raise ValueError(f"step {ckpt['step']!r}")
@@ -1520,7 +1525,7 @@ class Books:
     p: Parts
     run_dir: Path                # ckpt.pt, config.json, loss.csv and the grids go here
     data_dir: str                # named in the line that says how to resume
-    max_minutes: float           # stop after this long, with a checkpoint (None: no limit)
+    max_minutes: float           # stop this long after this invocation began (None: no limit)
     ckpt_every: int              # also checkpoint every this many steps (0: at epochs only)
     steps_per_epoch: int
     total: int                   # the step this invocation stops at
@@ -1813,27 +1818,29 @@ def compiled(fn, graph=False, fullgraph=False):
     """fn through torch.compile, replayed from CUDA graphs if `graph`. A compiler that cannot
     run (a cache folder it cannot write, no C compiler) is said in one line, and fn runs as it
     is from then on; an error in fn itself is raised as it is."""
-    mode = dict(mode="reduce-overhead") if graph else {}
+    flag, mode = ("--cuda-graph", dict(mode="reduce-overhead")) if graph else ("--compile", {})
     try:                             # the first torch.compile imports and makes its cache
         fast = torch.compile(fn, fullgraph=fullgraph, backend=COMPILE_BACKEND, **mode)
         from torch._dynamo.exc import BackendCompilerFailed
     except OSError as e:
-        return compile_failed(fn, os_reason(e))
+        return compile_failed(fn, flag, os_reason(e))
 
     def call(*args):
         nonlocal fast
+        if fast is fn:               # after a failed compile
+            return fn(*args)
         if graph:                    # a new step: the last step's graph outputs are done with
             torch.compiler.cudagraph_mark_step_begin()
         try:
             out = fast(*args)
         except BackendCompilerFailed as e:
-            fast = compile_failed(fn, first_line(e.inner_exception))
-            out = fn(*args)
+            fast = compile_failed(fn, flag, first_line(e.inner_exception))
+            return fn(*args)
         return clone_outputs(out) if graph else out
     return call
 
-def compile_failed(fn, why):
-    note(f"note: --compile: the compiler cannot run ({why}); it runs as it is")
+def compile_failed(fn, flag, why):
+    note(f"note: {flag}: the compiler cannot run ({why}); the steps run as they are")
     return fn
 
 def clone_outputs(out):
@@ -2556,9 +2563,9 @@ def add_train(sub):
                    help="with --cond: share of labels dropped to 'no label', 0..1 "
                         f"(default: {PRESETS['paper'].p_uncond})")
     p.add_argument("--max-steps", type=number("max_steps"),
-                   help="stop after this many steps in all, with a checkpoint")
+                   help="stop at this step of the run, with a checkpoint")
     p.add_argument("--max-minutes", type=number("max_minutes"),
-                   help="stop after this many minutes in all, with a checkpoint")
+                   help="stop after this many minutes of this invocation, with a checkpoint")
     p.add_argument("--ckpt-every", type=number("ckpt_every"), default=0,
                    help="also checkpoint every N steps, so a kill loses at most N "
                         "(default: 0, every epoch only)")
@@ -2584,7 +2591,8 @@ def add_sample(sub):
                         "(N, 32, 32, 3) for CIFAR-10; png-dir: one PNG per sample, for "
                         "pytorch-fid or clean-fid (default: png)")
     p.add_argument("--gif", action="store_true",
-                   help="an animated GIF of x_t beside the predicted x_0")
+                   help="an animated GIF of x_t beside the predicted x_0, the --n samples "
+                        "in one batch")
     p.add_argument("--out", help="output path (default: samples/<sampler>_<steps>.png, .npz, "
                                  ".gif or folder)")
 
@@ -2626,7 +2634,7 @@ def add_bench(sub):
     add_precision(p)
     add_fast(p)
     p.add_argument("--batch-size", type=number("batch_size"), default=128,
-                   help="images per step (default: 128)")
+                   help="images per step (default: 128, the case study's, for every preset)")
     add_preset(p, "the network to time (default: paper)")
     p.add_argument("--channels", type=channels_arg,
                    help="widths of the 4 levels (default: the preset's)")
@@ -2986,7 +2994,7 @@ def cmd_sample(args):
     device, t0 = schedule.betas.device, time.time()
     shape = (args.n, *IMAGE_SHAPES[cfg.dataset])
     guide = guidance_from_args(args, cfg, args.n, grid_columns(args.n))
-    with blame(batch_flag(args), device):
+    with blame("--n" if args.gif else batch_flag(args), device):   # a GIF is one batch
         if args.gif:  # the seeds of generate(), so a GIF ends on the grid `sample` would draw
             noise = torch.Generator().manual_seed(args.seed)
             x_T = torch.randn(shape, generator=noise).to(device)
@@ -3040,12 +3048,12 @@ def cmd_evaluate(args):
     if args.n < 2:
         raise UserError(f"--n {args.n}: FID fits a covariance, "
                         "which needs at least 2 samples")
-    recorded = recorded_config(checkpoint_to_sample(args.ckpt))
-    sampler = sampler_from_args(args, recorded)
-    device = resolve_device(args.device)
     if args.samples:
+        device = resolve_device(args.device)
         out, samples, labels, (train_x, test_x), source = samples_from_file(args)
     else:
+        sampler = sampler_from_args(args, recorded_config(checkpoint_to_sample(args.ckpt)))
+        device = resolve_device(args.device)
         out, samples, labels, (train_x, test_x), source = samples_from_model(args, sampler,
                                                                            device)
     clf, cache = classifier_cache(args.classifier, args.data_dir, device)
@@ -3061,12 +3069,17 @@ def mnist_images(data_dir):
     train_x = read_data(RunConfig(), data_dir)[0]
     return train_x, read_data(RunConfig(), data_dir, train=False)[0]
 
+# evaluate's flags that only its sampling reads, at their defaults
+SAMPLING_DEFAULTS = dict(guidance=None, weights="ema", sampler=None, steps=None, eta=0.0,
+                         no_clip=False, compile=False, cuda_graph=False)
+
 def samples_from_file(args):
     """evaluate --samples: (report path, the samples, their labels or None, MNIST's training
     and test images, where the samples came from)."""
-    if args.guidance is not None or args.weights != "ema":
-        flag = "--guidance" if args.guidance is not None else "--weights"
-        raise UserError(f"{flag}: with --samples nothing is sampled; leave it out")
+    for name, default in SAMPLING_DEFAULTS.items():
+        if getattr(args, name) != default:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag}: with --samples nothing is sampled; leave it out")
     if args.out:
         out = Path(args.out)
     else:                                   # beside what it scores
@@ -3150,10 +3163,9 @@ def score_runs(args, eps_model, schedule, cfg, runs):
         guide = None if labels is None else Guidance(labels, scale, cfg.num_classes)
         with blame(batch_flag(args), device):
             x = generate(eps_model, schedule, sampler, shape, args.seed, args.batch_size, guide)
+        ms = 1e3 * (time.time() - t0) / args.n                  # sampling alone, per sample
         feats, probs = classify(clf, x, device)
-        score = fid(feats, cache)
-        ms = 1e3 * (time.time() - t0) / args.n                  # per sample
-        row = dict(name=name, fid=score, ms=ms)
+        row = dict(name=name, fid=fid(feats, cache), ms=ms)
         row.update(class_stats(probs))
         if labels is not None:
             row.update(class_accuracy(probs, labels))

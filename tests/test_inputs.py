@@ -69,7 +69,8 @@ def home(tmp_path_factory, tiny_run, mnist_dir, classifier):
         c["opt"]["state"][0]["exp_avg"] = torch.zeros(3)
     for name, change in [("expavg", misshape_moment),
                          ("bins", lambda c: c.__setitem__("bin_loss_sums", "abc")),
-                         ("histrow", lambda c: c.__setitem__("history", [{"epoch": "one"}]))]:
+                         ("histrow", lambda c: c.__setitem__("history", [{"epoch": "one"}])),
+                         ("cuda", lambda c: c.__setitem__("device", "cuda (NVIDIA H100 80GB HBM3)"))]:
         (h / f"run_{name}").mkdir()
         crafted(f"run_{name}/ckpt.pt", change)
     make_mnist(h / "data_small", n_train=128)
@@ -87,6 +88,8 @@ CASES = [  # (command line, words the one line must hold)
     # one rule for every file written: the suffix of what it writes, never an input, never a training checkpoint
     ("evaluate --ckpt a/ckpt.pt --out a/ckpt.pt", "--out"),
     ("evaluate --samples s.npz --out s.npz", "--out s.npz: must end in .json"),
+    ("evaluate --samples s.npz --steps 20", "--steps: with --samples nothing is sampled"),
+    ("evaluate --samples s.npz --cuda-graph", "--cuda-graph: with --samples nothing is sampled"),
     ("forward --data-dir data --out x.pt", "--out x.pt: must end in .png"),
     ("export --ckpt a/ckpt.pt --out b/ckpt.pt", "--out b/ckpt.pt: holds a run's training state"),
     ("export --ckpt a/ckpt.pt --out a/ckpt.pt", "--out a/ckpt.pt"),
@@ -148,6 +151,7 @@ CASES = [  # (command line, words the one line must hold)
     ("train --run-dir run_expavg --resume --epochs 3 --data-dir data", "optimizer exp_avg of parameter 0"),
     ("train --run-dir run_bins --resume --epochs 3 --data-dir data", "bin_loss_sums"),
     ("train --run-dir run_histrow --resume --epochs 3 --data-dir data", "seconds or history"),
+    ("train --run-dir run_cuda --resume --epochs 3 --data-dir data", "resume it with --device cuda"),
     ("sample --ckpt nan.pt --out out/s.png", "--ckpt: 1 of its weight tensors hold NaN"),
     ("sample --ckpt cfg_beta_T_1.0.pt --out out/s.png", "config beta_T 1.0: need a number above 0 and at most 0.999"),
     ("sample --ckpt cfg_T_10.pt --out out/s.png", "--steps 50: this model has T=10 timesteps"),
