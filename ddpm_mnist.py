@@ -3117,18 +3117,17 @@ def samples_from_model(args, sampler, device):
     labels = guide.labels if guide else None
     return out, samples, labels, real, source
 
-COMPARE = (("DDPM 1000", Sampler("ddpm", 1000)),
-           ("DDIM 10", Sampler("ddim", 10)),
-           ("DDIM 20", Sampler("ddim", 20)),
-           ("DDIM 50", Sampler("ddim", 50)),
-           ("DDIM 100", Sampler("ddim", 100)),
-           ("DDIM 50, eta 1", Sampler("ddim", 50, eta=1.0)),
-           ("DPM++ 10", Sampler("dpm++", 10)),
-           ("DPM++ 20", Sampler("dpm++", 20)))
-# a flow model's rows (II.7)
-COMPARE_FLOW = (("Euler 10", Sampler("euler", 10)),
-                ("Euler 20", Sampler("euler", 20)),
-                ("Euler 50", Sampler("euler", 50)))
+def compare_rows(cfg):
+    """compare's samplers for this model: DDPM's T steps, DDIM at 10, 20, 50 and 100 steps and
+    at 50 with eta 1, DPM-Solver++ at 10 and 20 (II.6), each only where the model's T has that
+    many steps; or a flow model's Euler at 10, 20 and 50 (II.7)."""
+    if cfg.objective == "flow":
+        return [(f"Euler {k}", Sampler("euler", k)) for k in (10, 20, 50)]
+    rows = [(f"DDPM {cfg.T}", Sampler("ddpm", cfg.T))]
+    rows += [(f"DDIM {k}", Sampler("ddim", k)) for k in (10, 20, 50, 100)]
+    rows += [("DDIM 50, eta 1", Sampler("ddim", 50, eta=1.0))]
+    rows += [(f"DPM++ {k}", Sampler("dpm++", k)) for k in (10, 20)]
+    return [(name, sampler) for name, sampler in rows if sampler.steps <= cfg.T]
 
 def cmd_compare(args):
     """Samplers, or with --guidance guidance scales (II.2), from the same x_T and labels: a table
@@ -3182,10 +3181,8 @@ def compare_header(args, labels):
             "FID in classifier features vs MNIST test")
 
 def compare_samplers(args, eps_model, schedule, cfg):
-    """Each sampler of COMPARE (a flow model's: COMPARE_FLOW): a row of the table and of the
-    picture each."""
-    samplers = COMPARE_FLOW if cfg.objective == "flow" else COMPARE
-    runs = [(name, sampler, DEFAULT_GUIDANCE) for name, sampler in samplers]
+    """Each sampler of compare_rows: a row of the table and of the picture each."""
+    runs = [(name, sampler, DEFAULT_GUIDANCE) for name, sampler in compare_rows(cfg)]
     rows, images, labels = score_runs(args, eps_model, schedule, cfg, runs)
     print(compare_header(args, labels))
     print(f"{'sampler':16} {'FID':>8} {'confident':>9} {'rarest':>7} {'ms/sample':>10}")

@@ -330,3 +330,14 @@ def test_sample_dpm_solver_writes_its_default_file(tiny_run, tmp_path, monkeypat
              "--device", "cpu"])
     assert (tmp_path / "samples" / "dpmpp_20.png").exists()
     assert "dpm++ 20 steps" in capsys.readouterr().out
+
+
+def test_compare_rows_follow_the_models_T_and_objective():
+    """The case study's T gives the rows README's tables show; a model of T = 30 gets DDPM's 30
+    steps and only the rows with at most 30 steps; a flow model Euler's."""
+    names = lambda cfg: [name for name, _ in dm.compare_rows(cfg)]
+    assert names(dm.RunConfig()) == ["DDPM 1000", "DDIM 10", "DDIM 20", "DDIM 50", "DDIM 100",
+                                     "DDIM 50, eta 1", "DPM++ 10", "DPM++ 20"]
+    assert names(dm.RunConfig(T=30)) == ["DDPM 30", "DDIM 10", "DDIM 20", "DPM++ 10", "DPM++ 20"]
+    assert dm.compare_rows(dm.RunConfig(T=30))[0][1].steps == 30
+    assert names(dm.RunConfig(objective="flow")) == ["Euler 10", "Euler 20", "Euler 50"]
