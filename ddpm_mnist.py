@@ -811,7 +811,8 @@ PRESETS = {
 # (C, H, W) of each data set's images
 IMAGE_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 TRAIN_IMAGES = {"mnist": 60_000, "cifar10": 50_000}
-# digits 0-9, or CIFAR-10's ten classes: what --cond conditions on
+# the digits 0-9: what --cond conditions on (CIFAR-10 also has ten classes; its network here
+# is unconditional)
 NUM_CLASSES = 10
 CHOICES = dict(dataset=tuple(IMAGE_SHAPES),
                schedule=("linear", "cosine"),
@@ -842,7 +843,7 @@ RANGES = dict(
     steps=("int", 1, 1000),              # sampler steps, and then at most the model's T
     eta=("float", 0, 1),                 # 0 DDIM, 1 DDPM's variance
     guidance=("float", 0, 1000),
-    n=("int", 1, 10 ** 6),               # samples: 2.4 GB of CIFAR-10 images in memory
+    n=("int", 1, 10 ** 6),               # samples: 3.1 GB of CIFAR-10 images in memory
     max_minutes=("float>", 0, 10 ** 7),  # 19 years
     max_steps=("int", 1, 10 ** 9),
     ckpt_every=("int", 0, 10 ** 9),
@@ -1163,12 +1164,14 @@ def set_lr(opt, lr):
         g["lr"] = lr
 
 # -----------------------------------------------------------------------------
-# III.4 Precision and the fast paths: autocast by device, fused AdamW, fp16's gradient scaler,
-# torch.compile. Weights, AdamW's moments and the EMA stay float32 in every mode.
+# III.4 Precision and the fast paths: autocast by device, fused AdamW, fp16's gradient scaler
+# (torch.compile and CUDA graphs: III.7). Weights, AdamW's moments and the EMA stay float32 in
+# every mode.
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 PRECISION_NAMES = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast", None: "fp32"}
-COMPILE_BACKEND = "inductor"     # tests use "aot_eager": the same graphs, no code generated
+# tests use "aot_eager": the same graphs, no code generated (and no CUDA graphs: no GPU there)
+COMPILE_BACKEND = "inductor"
 
 def choose_precision(device, precision="auto"):
     """(autocast dtype or None for fp32, why)."""
@@ -1521,13 +1524,13 @@ LOSS_CHECK_EVERY = 50            # steps between NaN checks and progress-bar upd
 class Books:
     """A run's bookkeeping, which keep_books updates after each step (Part I's on_step). Under
     torchrun every process keeps its own; process 0 alone writes and prints."""
-    cfg: RunConfig
-    p: Parts
+    cfg: RunConfig               # the run's recipe
+    p: Parts                     # what Part I's train() works on
     run_dir: Path                # ckpt.pt, config.json, loss.csv and the grids go here
     data_dir: str                # named in the line that says how to resume
     max_minutes: float           # stop this long after this invocation began (None: no limit)
     ckpt_every: int              # also checkpoint every this many steps (0: at epochs only)
-    steps_per_epoch: int
+    steps_per_epoch: int         # len(data) // batch_size
     total: int                   # the step this invocation stops at
     world: int                   # processes under torchrun
     start: int                   # the step this invocation began at
@@ -1539,58 +1542,61 @@ class Books:
     seconds0: float              # of them, those before this invocation
     last_good: int = None        # the step of the last checkpoint (None: none yet)
     lock: int = None             # the run folder's lock, held by process 0
-    bar: tqdm = None
+    bar: tqdm = None             # the progress bar (process 0's; disabled elsewhere)
     lead: bool = True            # process 0
     done: int = 0                # the step this invocation stopped at
     interrupted: bool = False    # Ctrl-C or SIGTERM came: stop after this step
-    signal: int = None           # which of the two
+    signum: int = None           # which of the two
     recent: list = field(default_factory=list)   # losses since the last check (GPU tensors)
-    t_open: float = field(default_factory=time.time)
+    t_open: float = field(default_factory=time.time)   # when this invocation began
 
 def open_books(args, cfg, p, ckpt, start, steps_per_epoch, total, rank, world):
-    """A run's books, which keep_books updates after each step: its files, loss sums, clock and bar.
-    Locks and makes the run folder and catches Ctrl-C and SIGTERM, which then finish the step, save
-    and leave (a second one kills). `ckpt`: a restored run's checkpoint, or None; `total`: where
-    this invocation stops."""
+    """A run's books, which keep_books updates after each step: its files, loss sums, clock and
+    bar. Claims the run folder and catches Ctrl-C and SIGTERM. `ckpt`: a restored run's
+    checkpoint, or None; `total`: where this invocation stops."""
+    lead = rank == 0
+    lock = claim_run_folder(args.run_dir, args.overwrite, cfg) if lead else None
     ck = ckpt or {}
-    lock = None
-    # first: a second train on the folder is refused before all else
-    if rank == 0:
-        Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-        lock = lock_folder(args.run_dir)
 
-    # a checkpoint's sums go to process 0, whose totals they are
-    def saved(values):
-        return torch.tensor(values, device=p.gen.device) * (rank == 0)
-    bk = Books(cfg, p, Path(args.run_dir), args.data_dir,
-               args.max_minutes, args.ckpt_every,
-               steps_per_epoch, total, world, start,
+    def saved(values):               # a checkpoint's sums go to process 0, whose totals they are
+        return torch.tensor(values, device=p.gen.device) * lead
+    bar = progress_bar(total=total, initial=start, unit="step", disable=not lead)
+    bk = Books(cfg=cfg, p=p, run_dir=Path(args.run_dir), data_dir=args.data_dir,
+               max_minutes=args.max_minutes, ckpt_every=args.ckpt_every,
+               steps_per_epoch=steps_per_epoch, total=total, world=world, start=start,
                epoch_loss=saved(ck.get("epoch_loss_sum", 0.0)),
                bin_loss=saved(ck.get("bin_loss_sums", [0.0] * NOISE_BINS)),
                bin_count=saved(ck.get("bin_counts", [0.0] * NOISE_BINS)),
                history=ck.get("history", []), seconds=ck.get("seconds", 0.0),
-               seconds0=ck.get("seconds", 0.0),
-               last_good=start if ckpt else None, lock=lock, lead=rank == 0,
-               bar=progress_bar(total=total, initial=start, unit="step",
-                                disable=rank != 0))
-    if bk.lead:
-        if args.overwrite:           # the old run's own files go, and nothing else
-            old = {f for pattern in RUN_FILES for f in bk.run_dir.glob(pattern)}
-            for f in sorted(old):
-                f.unlink()
-        config_json = json.dumps(asdict(cfg), indent=2) + "\n"
-        save_text(config_json, bk.run_dir / "config.json")
+               seconds0=ck.get("seconds", 0.0), last_good=start if ckpt else None,
+               lock=lock, bar=bar, lead=lead)
     set_lr(p.opt, lr_at(start, cfg, cfg.epochs * steps_per_epoch))
+    catch_signals(bk)
+    return bk
 
-    # Ctrl-C, or SIGTERM (kill, timeout, Slurm, docker stop)
+def claim_run_folder(run_dir, overwrite, cfg):
+    """Make the run folder and lock it, so that a second train there is refused before
+    anything is written; with --overwrite remove the old run's own files (and nothing else);
+    write the config. Returns the lock."""
+    folder = Path(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = lock_folder(run_dir)
+    if overwrite:
+        old = {f for pattern in RUN_FILES for f in folder.glob(pattern)}
+        for f in sorted(old):
+            f.unlink()
+    save_text(json.dumps(asdict(cfg), indent=2) + "\n", folder / "config.json")
+    return lock
+
+def catch_signals(bk):
+    """Ctrl-C, or SIGTERM (kill, timeout, Slurm, docker stop): finish the step, save and leave.
+    A second one kills."""
     def on_signal(signum, _):
-        bk.interrupted, bk.signal = True, signum
-        # a second one kills
+        bk.interrupted, bk.signum = True, signum
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    return bk
 
 def keep_books(bk, step, loss, t, err):
     """After step `step` (0-based): add it up, decide whether to stop, check the losses, save when
@@ -1744,7 +1750,7 @@ def close_books(bk):
         unfinished = bk.done < bk.cfg.epochs * bk.steps_per_epoch
         more = "; continue with --resume" if unfinished else ""
         print(f"saved {ckpt} at step {bk.done} ({bk.seconds:.0f} s of training){more}")
-    code = 128 + bk.signal if bk.interrupted else None   # 130 Ctrl-C, 143 SIGTERM
+    code = 128 + bk.signum if bk.interrupted else None   # 130 Ctrl-C, 143 SIGTERM
     leave(code, bk.world)
 
 def noise_bin(t, cfg):
@@ -1804,7 +1810,9 @@ def epoch_grid(p, cfg, path):
 # (cudagraph trees), each replayed with one launch. The fused AdamW and the foreach EMA stay
 # outside, a few launches each, so a step is a few dozen launches instead of several hundred.
 
-GRAPH_WARMUP = 5                 # calls before a graph replays: compile, warm-up, record
+# calls before the graphs replay: a compile, a warm-up run and a recording, and two to spare
+# for a recompile, so that bench times replays alone
+GRAPH_WARMUP = 5
 
 def graph_unsupported(device, world=1):
     """Why CUDA graphs cannot run here, or None."""
@@ -1891,7 +1899,7 @@ def fast_eps_model(eps_model, device, compile=False, graph=False):
     from CUDA graphs at each step. The samplers' few elementwise ops per step stay eager."""
     why_not = graph_unsupported(device) if graph else None
     if why_not:
-        note(f"note: --cuda-graph: {why_not}; the steps run uncaptured")
+        note(f"note: --cuda-graph: {why_not}; the steps run without CUDA graphs")
     graph = graph and not why_not
     return compiled(eps_model, graph) if compile or graph else eps_model
 
@@ -2307,13 +2315,19 @@ def denoising_gif(eps_model, schedule, x_T, sampler, generator, path, ms=80, hol
 
 RECIPE_IMAGES = 50 * (TRAIN_IMAGES["mnist"] // 128) * 128     # the case study's 50 epochs
 
+def sync(device):
+    """Wait for the GPU's queue to drain: its kernels run after the Python that launched them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
 def timed(fn, device):
     """Wall-clock seconds of fn(), the GPU's queue drained before and after."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    sync()
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    sync()
+    sync(device)
     return time.perf_counter() - t0
 
 def forward_gflop(cfg, device):
@@ -2334,7 +2348,7 @@ def time_steps(cfg, data, device, mode, reps):
 
     def on_step(step, *_):
         if step + 1 in (warm, warm + reps):
-            timed(lambda: None, device)            # the GPU's queue drained
+            sync(device)
             marks.append(time.perf_counter())
         return step + 1 >= warm + reps
     t0 = time.perf_counter()
@@ -2445,8 +2459,8 @@ def add_fast(p):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the step (slower start, faster steps)")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="compiled, and each step replayed from CUDA graphs (on CUDA; "
-                        "elsewhere it runs without)")
+                   help="compiled, and each step replayed from CUDA graphs (on one CUDA "
+                        "device; elsewhere a note, and the run goes on without them)")
 
 def add_precision(p):
     p.add_argument("--precision", choices=CHOICES["precision"], default="auto",
@@ -2545,7 +2559,7 @@ def add_recipe(p):
 # --- one block per command ---
 
 def add_train(sub):
-    p = command(sub, cmd_train, "train a DDPM (Alg. 1)",
+    p = command(sub, "train", cmd_train, "train a DDPM (Alg. 1)",
                 "Train the U-Net; writes ckpt.pt, config.json, loss.csv and per-epoch EMA "
                 "sample grids into --run-dir. Defaults come from --preset.")
     add_data_dir(p)
@@ -2575,7 +2589,7 @@ def add_train(sub):
                    help="start over in a run folder that has a checkpoint")
 
 def add_sample(sub):
-    p = command(sub, cmd_sample,
+    p = command(sub, "sample", cmd_sample,
                 "draw digits with DDPM, DDIM, DPM-Solver++ or a flow's Euler steps",
                 "Sample from a checkpoint's EMA weights into a PNG grid, an .npz, a folder "
                 "of PNGs, or a denoising GIF.")
@@ -2597,7 +2611,7 @@ def add_sample(sub):
                                  ".gif or folder)")
 
 def add_evaluate(sub):
-    p = command(sub, cmd_evaluate, "FID, digit classes and copies of samples",
+    p = command(sub, "evaluate", cmd_evaluate, "FID, digit classes and copies of samples",
                 "Score N samples (generated, or read from --samples) with a cached MNIST "
                 "classifier; prints a table and writes a JSON report.")
     add_model(p)
@@ -2612,7 +2626,7 @@ def add_evaluate(sub):
                                  "folder for the committed weights)")
 
 def add_compare(sub):
-    p = command(sub, cmd_compare, "the samplers side by side, same noise",
+    p = command(sub, "compare", cmd_compare, "the samplers side by side, same noise",
                 "From one starting noise: DDPM (all T steps), DDIM eta=0 at 10, 20, 50, 100 "
                 "steps, DDIM eta=1 at 50 and DPM-Solver++ at 10 and 20 (a flow model: Euler "
                 "at 10, 20, 50), or with --guidance guidance scales; a table and a picture.")
@@ -2626,7 +2640,7 @@ def add_compare(sub):
                                  "samples/guidance.png)")
 
 def add_bench(sub):
-    p = command(sub, cmd_bench, "time a training step in each mode, and the samplers",
+    p = command(sub, "bench", cmd_bench, "time a training step in each mode, and the samplers",
                 "The training step eager, compiled (--compile) and replayed from CUDA graphs "
                 "(--cuda-graph) side by side, with the warm-up each costs, images/s, "
                 "TFLOP/s, and the time to sample a batch with DDIM-50 and DDPM-1000.")
@@ -2641,7 +2655,8 @@ def add_bench(sub):
     p.add_argument("--reps", type=number("reps"), default=5, help="timed steps (default: 5)")
 
 def add_forward(sub):
-    p = command(sub, cmd_forward, "picture: real digits noised at t = 1 .. 1000 (Step 2)")
+    p = command(sub, "forward", cmd_forward,
+                "picture: real digits noised at t = 1 .. 1000 (Step 2)")
     add_data_dir(p)
     p.add_argument("--seed", type=number("seed"), default=0,
                    help="seed of the digits and the noise (default: 0)")
@@ -2653,8 +2668,8 @@ def add_forward(sub):
                    help="noise schedule (default: linear)")
 
 def add_export(sub):
-    p = command(sub, cmd_export, "a checkpoint's EMA weights alone, in fp16: a small file to "
-                                 "share",
+    p = command(sub, "export", cmd_export,
+                "a checkpoint's EMA weights alone, in fp16: a small file to share",
                 "Write the EMA weights in float16 with the config and how long the model "
                 "trained, nothing else: a quarter of the checkpoint's size. Every command "
                 "that takes --ckpt reads it.")
@@ -2663,9 +2678,9 @@ def add_export(sub):
     p.add_argument("--ckpt", default=str(DEFAULT_CKPT),
                    help=f"checkpoint to export (default: {DEFAULT_CKPT})")
 
-def command(sub, func, help, description=None):
-    """A command's parser, named for its function: cmd_train is `train`."""
-    p = sub.add_parser(func.__name__[4:], help=help, description=description or help)
+def command(sub, name, func, help, description=None):
+    """A command's parser; running it calls func(args)."""
+    p = sub.add_parser(name, help=help, description=description or help)
     p.set_defaults(func=func)
     return p
 
@@ -2797,7 +2812,7 @@ def cmd_train(args):
     set_fast_math(device)
     images, labels = read_data(cfg, args.data_dir)
     spe, total = plan_steps(args, cfg, ckpt, len(images))
-    graph, step = fast_path(args, device, world)
+    graph, step_mode = fast_path(args, device, world)
     with blame("--batch-size", device, also="--channels"):
         p, loss_fn = build_run(cfg, device, world, args.compile, graph)
         start = restore(ckpt, p, Path(args.run_dir) / "ckpt.pt") if ckpt else 0
@@ -2805,7 +2820,7 @@ def cmd_train(args):
         dtype, why = choose_precision(device, cfg.precision)
         precision = f"{PRECISION_NAMES[dtype]} ({why})"
         resumed_at = start if ckpt else None
-        describe_run(cfg, p, device, world, precision, spe, resumed_at, step)
+        describe_run(cfg, p, device, world, precision, spe, resumed_at, step_mode)
     bk = open_books(args, cfg, p, ckpt, start, spe, total, rank, world)
     run_steps(bk, images, labels, loss_fn, rank)
     close_books(bk)
@@ -2842,12 +2857,12 @@ def fast_path(args, device, world):
     """(whether to replay CUDA graphs, how a step runs, in words)."""
     why_not = graph_unsupported(device, world) if args.cuda_graph else None
     graph = args.cuda_graph and not why_not
-    step = "compiled" if args.compile or graph else "eager"
+    step_mode = "compiled" if args.compile or graph else "eager"
     if graph:
-        step += " and replayed from CUDA graphs"
+        step_mode += " and replayed from CUDA graphs"
     elif args.cuda_graph:
-        step += f" (--cuda-graph: {why_not})"
-    return graph, step
+        step_mode += f" (--cuda-graph: {why_not})"
+    return graph, step_mode
 
 def run_steps(bk, images, labels, loss_fn, rank):
     """Part I's loop with this run's draws and books. A full disk, or a step or grid out of
@@ -2866,7 +2881,7 @@ def run_steps(bk, images, labels, loss_fn, rank):
             note(f"error: {why}; {last_checkpoint(bk)}")
         leave(1, bk.world)
 
-def describe_run(cfg, p, device, world, precision, spe, resumed_at, step):
+def describe_run(cfg, p, device, world, precision, spe, resumed_at, step_mode):
     """train's first lines: how the recipe departs from the case study's, then the run."""
     paper = PRESETS["paper"]
     # the tool's own settings, not the recipe's
@@ -2893,7 +2908,7 @@ def describe_run(cfg, p, device, world, precision, spe, resumed_at, step):
     if resumed_at is not None:
         print("resume: the run's own recipe, from its checkpoint; config.json and "
               "--preset are not read again, and only --epochs and --grid-n may change")
-    print(f"step: {step}")
+    print(f"step: {step_mode}")
     if device.type == "cpu" and cfg.preset == "paper":
         note("note: the case-study recipe takes many hours on a CPU; `--preset cpu` "
              "makes digits in about 12 minutes on 2 cores (README, Set up)")
@@ -3216,7 +3231,11 @@ def cmd_bench(args):
     if args.channels:
         cfg = replace(cfg, channels=args.channels)
     device = resolve_device(args.device)
-    modes = ["eager"] + ["compiled"] * args.compile + ["compiled + graph"] * args.cuda_graph
+    modes = ["eager"]
+    if args.compile:
+        modes.append("compiled")
+    if args.cuda_graph:
+        modes.append("compiled + graph")
     with blame("--batch-size", device, also="--channels"):
         bench(cfg, device, args.reps, modes)
 
