@@ -766,7 +766,8 @@ class UserError(argparse.ArgumentTypeError):
     raises it (hence an ArgumentTypeError)."""
 
 def note(text):
-    print(text, file=sys.stderr)
+    """A line on stderr, on a line of its own even while a progress bar is drawn there."""
+    tqdm.write(text, file=sys.stderr)
 
 def os_reason(e):
     """An OSError as the path and the system's reason: 'runs/x: Permission denied'."""
