@@ -739,16 +739,17 @@ def flow_sample(v_model, x_T, steps=DDIM_STEPS, on_step=None):
 # resume, precision and the fast paths, several processes, sampling to files, evaluation,
 # pictures, bench and the command line. None of it changes what is computed.
 #
-# The map: III.1 the run's config and its checks; III.2 files written whole, never over what is
-#   not theirs; III.3 checkpoints; III.4 precision and fast paths; III.5 torchrun; III.6 a
-#   training run's draws, loss and books; III.7 compile and CUDA graphs; III.8 sampling many; III.9
-#   evaluation; III.10 pictures; III.11 bench; III.12 the command line and main().
+# The map: III.1 the run's config and its checks; III.2 files written whole, never over what
+#   is not theirs; III.3 checkpoints; III.4 precision and fast paths; III.5 torchrun; III.6 a
+#   training run's draws, loss and books; III.7 compile and CUDA graphs; III.8 sampling many;
+#   III.9 evaluation; III.10 pictures; III.11 bench; III.12 the command line and main().
 # One `train` call: main() parses (III.12) and turns every refusal into one line; cmd_train
 #   reads the config (train_config: a preset and the flags, or the checkpoint on --resume), the
-#   data (read_data, check_data) and builds the run (build_run: Part I's build plus autocast,
-#   fused AdamW, DDP, compile); restore() puts a resumed run back; open_books() locks the run
-#   folder and catches Ctrl-C and SIGTERM; Part I's train() runs the steps, calling keep_books()
-#   after each (losses, checkpoint, loss.csv, grid, the clock); close_books() says how it ended.
+#   data (read_data, check_data), plans the steps (plan_steps) and builds the run (build_run:
+#   Part I's build plus autocast, fused AdamW, DDP, compile); restore() puts a resumed run
+#   back; open_books() claims the run folder (a lock, the config) and catches Ctrl-C and
+#   SIGTERM; run_steps() runs Part I's train(), which calls keep_books() after each step
+#   (losses, checkpoint, loss.csv, grid, the clock); close_books() says how it ended.
 # =============================================================================
 # the tool's imports, not the DDPM's
 import argparse, contextlib, functools, io, json, os, pickle
