@@ -775,6 +775,11 @@ def os_reason(e):
     where = f"{e.filename}: " if e.filename else ""
     return f"{where}{e.strerror or type(e).__name__}"
 
+def first_line(e):
+    """An exception as 'Type: the first line of its message'."""
+    lines = str(e).strip().splitlines() or [""]
+    return f"{type(e).__name__}: {lines[0][:160]}"
+
 # -----------------------------------------------------------------------------
 # III.1 What a run records: the case study's Config, each extension's switch and the tool's
 # settings. The flags and every config read from a file are held to the same RANGES.
@@ -1512,9 +1517,8 @@ def restore(ckpt, p, path):
         if "torch_rng" in ckpt:                     # older runs did not keep it
             set_torch_rng(ckpt["torch_rng"], p.gen.device)
     except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
-        why = (str(e).strip().splitlines() or [""])[0][:120]
         raise UserError(f"--resume: {path}: its training state does not fit this run "
-                        f"({type(e).__name__}: {why})") from None
+                        f"({first_line(e)})") from None
     return ckpt["step"]
 
 # The loss by noise level, as improved-diffusion logs it: the mean loss of the steps whose t fell
@@ -1858,11 +1862,6 @@ def clone_outputs(out):
     if isinstance(out, torch.Tensor):
         return out.clone()
     return type(out)(v.clone() for v in out)
-
-def first_line(e):
-    """An exception as 'Type: the first line of its message'."""
-    lines = str(e).strip().splitlines() or [""]
-    return f"{type(e).__name__}: {lines[0][:160]}"
 
 # -----------------------------------------------------------------------------
 # III.8 Sampling many: batches, one progress bar, the output formats, and the fast path.
