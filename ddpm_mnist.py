@@ -753,7 +753,7 @@ def flow_sample(v_model, x_T, steps=DDIM_STEPS, on_step=None):
 # =============================================================================
 # the tool's imports, not the DDPM's
 import argparse, contextlib, functools, io, json, os, pickle
-import platform, shlex, signal, sys, tempfile, time, zipfile
+import platform, shlex, shutil, signal, sys, tempfile, time, warnings, zipfile
 from datetime import timedelta
 from dataclasses import asdict, field, fields, replace
 from pathlib import Path
@@ -858,16 +858,16 @@ RANGES = dict(
     digits=("int", 1, 16))               # forward's rows
 
 def is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite int or float that a float can hold (a crafted 10**400 is not)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return abs(v) <= sys.float_info.max and not (isinstance(v, float) and math.isnan(v))
 
 def check_number(name, v, what):
     """v held to RANGES[name]; `what` names the flag or the file, and the value, in the refusal."""
     kind, lo, hi = RANGES[name]
-    is_int = isinstance(v, int) and not isinstance(v, bool)
-    if kind == "int":
-        ok = is_int
-    else:
-        ok = (is_int or isinstance(v, float)) and math.isfinite(v)
+    is_int = is_number(v) and isinstance(v, int)
+    ok = is_int if kind == "int" else is_number(v)
     if not ok or v > hi or v < lo or (kind == "float>" and v == lo):
         need = "an integer" if kind == "int" else "a number"
         if kind == "float>":
@@ -950,9 +950,20 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        raise_os_error(e, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+def raise_os_error(e, path):
+    """Raise the operating system's refusal of a write as an OSError naming `path` (a full
+    disk, a file too large), also where a writer wrapped it in its own error, as torch.save's
+    zip writer does; any other error as it is."""
+    os_error = e if isinstance(e, OSError) else e.__context__
+    if not isinstance(os_error, OSError):
+        raise e
+    raise OSError(os_error.errno, os_error.strerror, str(path)) from None
 
 SWEPT = set()                      # the folders this process has cleared of stale temporaries
 
@@ -1061,12 +1072,20 @@ def holds_training_state(path):
         return None
     return "opt" in d
 
+def read_torch_file(path, mmap=False):
+    """torch.load with weights_only=True: tensors and plain data only, so a file can never run
+    code. torch's warnings about odd contents stay off the screen; the checks that follow say
+    in one line what is wrong."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
 def peek(path):
     """A torch file's top-level dict, its tensors left on disk (mmap); {} for anything else."""
     if not Path(path).is_file():          # a pipe would block the read
         return {}
     with contextlib.suppress(Exception):
-        d = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        d = read_torch_file(path, mmap=True)
         return d if isinstance(d, dict) else {}
     return {}
 
@@ -1107,7 +1126,7 @@ def load_checkpoint(path, flag="--ckpt"):
     run code. Every failure is one line for the user."""
     path = check_in(flag, path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_torch_file(path)
     except pickle.UnpicklingError:
         raise UserError(f"{flag} {path}: refused: it holds pickled Python objects that could "
                         "run code; nothing in it was executed") from None
@@ -1135,7 +1154,8 @@ def model_from_checkpoint(ckpt, weights="ema"):
 
     def fits(k, v):
         w = state.get(k)
-        return isinstance(w, torch.Tensor) and w.shape == v.shape and w.is_floating_point()
+        return (isinstance(w, torch.Tensor) and w.shape == v.shape and w.layout == torch.strided
+                and w.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64))
     unfit = [k for k, v in want.items() if not fits(k, v)]   # missing or misshapen
     bad = unfit + [k for k in state if k not in want]         # then the unexpected
     if bad:
@@ -1313,6 +1333,12 @@ def start_processes(args, cfg):
         raise UserError(f"environment WORLD_SIZE={env['WORLD_SIZE']!r} without "
                         f"{', '.join(missing)}: several processes start with torchrun, "
                         "which sets them all")
+    numbers = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    odd = [k for k in numbers if not (env[k].isascii() and env[k].isdigit())]
+    if odd or int(env["WORLD_SIZE"]) < 1 or int(env["RANK"]) >= int(env["WORLD_SIZE"]):
+        shown = ", ".join(f"{k}={env[k]!r}" for k in numbers)
+        raise UserError(f"environment {shown}: need whole numbers, WORLD_SIZE at least 1 and "
+                        "RANK below it; start the processes with torchrun, which sets them")
     rank, local_rank = int(env["RANK"]), int(env["LOCAL_RANK"])
     world = int(env["WORLD_SIZE"])
     local_world = int(env["LOCAL_WORLD_SIZE"])     # the processes on this machine
@@ -1381,6 +1407,7 @@ def read_data(cfg, data_dir, train=True):
     made = [d for d in (raw, raw.parent, Path(data_dir)) if not d.exists()]
     split = "training" if train else "test"
     load = load_cifar10 if cfg.dataset == "cifar10" else load_mnist
+    import torchvision               # here: an import that fails is not the data set's fault
     # torchvision before 0.20 prints every download attempt on stdout: kept off it
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -1496,6 +1523,29 @@ def check_books(ckpt, params):
             if not (is_tensor and v.shape == want.shape and v.dtype == want.dtype):
                 raise ValueError(f"optimizer {k} of parameter {i}")
 
+def same_kind(v, want):
+    """Whether a saved option v is of the kind of this run's `want`: a number, numbers, a flag."""
+    if isinstance(want, bool):
+        return isinstance(v, bool)
+    if isinstance(want, tuple):
+        return isinstance(v, (tuple, list)) and all(map(is_number, v))
+    return is_number(v) or not is_number(want)
+
+def check_options(ckpt, groups):
+    """ValueError unless the checkpoint's AdamW options and fp16 scaler hold numbers (and flags)
+    where this run's do: a string for eps would only fail inside the first step."""
+    saved = ckpt["opt"]["param_groups"]
+    if not (isinstance(saved, list) and len(saved) == len(groups)):
+        raise ValueError("optimizer param_groups")
+    for g, mine in zip(saved, groups):
+        for k, want in mine.items():
+            v = g.get(k, want) if isinstance(g, dict) else None
+            if k != "params" and not same_kind(v, want):
+                raise ValueError(f"optimizer {k} {v!r}")
+    scaler = ckpt.get("scaler") or {}
+    if not (isinstance(scaler, dict) and all(map(is_number, scaler.values()))):
+        raise ValueError("scaler")
+
 def restore(ckpt, p, path):
     """Put a run back where its checkpoint left it: weights, AdamW's moments, the scaler and the
     generator of t and eps; a state that does not fit is one line. The lr is open_books' to
@@ -1509,6 +1559,7 @@ def restore(ckpt, p, path):
         if not isinstance(ckpt["step"], int) or ckpt["step"] < 0:
             raise ValueError(f"step {ckpt['step']!r}")
         check_books(ckpt, list(p.model.parameters()))
+        check_options(ckpt, p.opt.param_groups)
         for part in ("model", "ema", "opt"):
             getattr(p, part).load_state_dict(ckpt[part])
         if ckpt.get("scaler") and isinstance(p.opt, ScaledOptimizer):
@@ -1516,7 +1567,8 @@ def restore(ckpt, p, path):
         p.gen.set_state(ckpt["rng"])
         if "torch_rng" in ckpt:                     # older runs did not keep it
             set_torch_rng(ckpt["torch_rng"], p.gen.device)
-    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError,
+            ArithmeticError) as e:
         raise UserError(f"--resume: {path}: its training state does not fit this run "
                         f"({first_line(e)})") from None
     return ckpt["step"]
@@ -1585,13 +1637,18 @@ def claim_run_folder(run_dir, overwrite, cfg):
     anything is written; with --overwrite remove the old run's own files (and nothing else);
     write the config. Returns the lock."""
     folder = Path(run_dir)
+    made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     lock = lock_folder(run_dir)
-    if overwrite:
-        old = {f for pattern in RUN_FILES for f in folder.glob(pattern)}
-        for f in sorted(old):
+    if overwrite:                    # the old run's own files go, and nothing else
+        for f in run_files(folder):
             f.unlink()
-    save_text(json.dumps(asdict(cfg), indent=2) + "\n", folder / "config.json")
+    try:
+        save_text(json.dumps(asdict(cfg), indent=2) + "\n", folder / "config.json")
+    except OSError:                  # a full disk: leave no empty run folder behind
+        if made:
+            folder.rmdir()
+        raise
     return lock
 
 def catch_signals(bk):
@@ -1956,9 +2013,22 @@ def write_samples(images, out, fmt, labels=None):
             arrays["labels"] = labels.numpy()
         atomic_write(out, lambda f: np.savez_compressed(f, **arrays))
     else:
-        Path(out).mkdir(parents=True, exist_ok=True)
+        write_png_dir(images, Path(out))
+
+def write_png_dir(images, out):
+    """One PNG per sample, written into a temporary folder beside `out` and renamed to it at
+    the end, as atomic_write does for a file: a failure leaves no half-written folder."""
+    tmp = out.with_name(f".{out.name[:150]}.{HOST}-{os.getpid()}{TEMP_END}")
+    tmp.mkdir()
+    try:
         for i, im in enumerate(images):
-            save_png(Image.fromarray(im.numpy()), Path(out) / f"{i:06d}.png")
+            Image.fromarray(im.numpy()).save(tmp / f"{i:06d}.png")
+        os.replace(tmp, out)             # over nothing, or over an empty folder
+    except Exception as e:
+        raise_os_error(e, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 # the most samples --n makes, with labels: 32 x 32 x 3 bytes and an int64 each, 1 MiB to spare
 NPZ_LIMIT = RANGES["n"][2] * (32 * 32 * 3 + 8) + 2 ** 20
@@ -1986,6 +2056,9 @@ def read_samples(path):
     except Exception as e:
         why = f"not a readable .npz of arrays ({type(e).__name__})"
         raise UserError(f"--samples {path}: {why}") from None
+    if not all(isinstance(v, np.ndarray) for v in (a, y) if v is not None):
+        raise UserError(f"--samples {path}: not a readable .npz of arrays (a member is not "
+                        "a .npy array)")
     shape_ok = a.ndim == 3 and a.shape[1:] == (28, 28)
     if not shape_ok or a.dtype != np.uint8 or len(a) < 2:
         raise UserError(f"--samples {path}: holds {a.dtype} {tuple(a.shape)}; "
@@ -2066,15 +2139,16 @@ def load_classifier(path, device):
     """(the classifier, its cache) from a file classifier_cache wrote, or one line."""
     try:
         # a folder fails here too
-        c = torch.load(path, map_location="cpu", weights_only=True)
+        c = read_torch_file(path)
         clf = Classifier()
         weights = c["model"] if isinstance(c, dict) else None
         clf.load_state_dict(weights)   # the right tensors, or it raises
-        numbers_ok = (isinstance(c["test_accuracy"], float)
+        numbers_ok = (isinstance(c["test_accuracy"], float) and 0 <= c["test_accuracy"] <= 1
                       and isinstance(c["n_test"], int))
         shapes_ok = (c["test_mu"].shape == (128,)
                      and c["test_sigma"].shape == (128, 128))
-        if not (numbers_ok and shapes_ok):
+        finite = all(torch.isfinite(c[k]).all() for k in ("test_mu", "test_sigma"))
+        if not (numbers_ok and shapes_ok and finite):
             raise ValueError
     except Exception:
         why = ("not an evaluation classifier made by this program; "
@@ -2437,7 +2511,9 @@ def channels_arg(s):
         raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
 
 def device_arg(s):
-    if s in ("auto", "cpu", "cuda", "mps") or (s.startswith("cuda:") and s[5:].isdigit()):
+    index = s[5:]
+    if s in ("auto", "cpu", "cuda", "mps") or (s.startswith("cuda:") and index.isascii()
+                                               and index.isdigit()):
         return s
     raise argparse.ArgumentTypeError(f"'{s}' is not one of auto, cpu, cuda, cuda:N, mps")
 
@@ -2699,7 +2775,16 @@ def build_parser():
 # the run's length and its pictures, not its model
 RESUME_MAY_CHANGE = ("epochs", "grid_n")
 # what train writes
-RUN_FILES = ("ckpt.pt", "config.json", "loss.csv", "grid_epoch*.png", ".*.tmp")  # and kills' temps
+RUN_FILES = ("ckpt.pt", "config.json", "loss.csv", "grid_epoch*.png")   # what train writes
+
+def run_files(folder):
+    """A run's own files in `folder`: the RUN_FILES, grids named as save_books names them
+    (grid_epoch001.png), and the temporary files of its killed writes; regular files only."""
+    def own(f):
+        grid = f.name.startswith("grid_epoch") and f.name[10:-4].isdigit()
+        named = f.name in RUN_FILES[:3] or grid and f.suffix == ".png"
+        return (named or f.name.endswith(TEMP_END)) and f.is_file() and not f.is_symlink()
+    return sorted(f for f in Path(folder).iterdir() if own(f))
 
 def lock_folder(folder):
     """Hold an exclusive lock on the run folder while this process lives: a second train there is
@@ -2722,6 +2807,8 @@ def train_config(args):
     """The preset overlaid with the flags given; on --resume, the checkpoint's config. Returns
     the config and the checkpoint to resume from (read once, here)."""
     given = recipe_given(args)
+    if not args.run_dir.strip():
+        raise UserError("--run-dir: empty; name the run's folder")
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite: choose one")
     if args.resume:
@@ -2946,6 +3033,8 @@ def sampler_from_args(args, cfg):
                         "posterior variance")
     if name in ("dpm++", "euler") and args.eta:
         raise UserError(f"--eta: only DDIM has eta; {name} is deterministic")
+    if name == "euler" and args.no_clip:
+        raise UserError("--no-clip: a flow model's Euler steps predict no x_0 to clip")
     steps = args.steps or (DPM_SOLVER_STEPS if name == "dpm++" else DDIM_STEPS)
     if name in ("ddim", "dpm++") and steps > cfg.T:
         raise UserError(f"--steps {steps}: this model has T={cfg.T} timesteps, "
@@ -3248,18 +3337,19 @@ def cmd_forward(args):
     schedule = make_schedule(RunConfig(schedule=args.schedule))
     save_png(forward_picture(images, schedule, seed=args.seed), args.out)
     ts = ", ".join(map(str, FORWARD_T))
-    print(f"wrote {args.out}: {args.n} digits at t = {ts}, {args.schedule} schedule")
+    print(f"wrote {args.out}: {len(images)} digits at t = {ts}, {args.schedule} schedule")
 
 def cmd_export(args):
     check_out("--out", args.out, ".pt", [args.ckpt])
     ckpt = load_checkpoint(args.ckpt)
     model, cfg = model_from_checkpoint(ckpt)    # checks the weights fit the config
     trained = ckpt.get("trained")               # an export's own record, kept as it is
-    if not isinstance(trained, dict) and isinstance(ckpt.get("step"), int):
+    step = ckpt.get("step")
+    if not isinstance(trained, dict) and isinstance(step, int) and is_number(step):
         # a run's: how long it trained; older runs did not save their steps per epoch
         spe = ckpt.get("steps_per_epoch")
         if not (isinstance(spe, int) and spe > 0):
-            spe = TRAIN_IMAGES[cfg.dataset] // cfg.batch_size
+            spe = max(1, TRAIN_IMAGES[cfg.dataset] // cfg.batch_size)
         trained = dict(step=ckpt["step"], epochs=ckpt["step"] / spe,
                        seconds=ckpt.get("seconds"), device=ckpt.get("device"))
     # fp16 keeps 11 bits of mantissa; the weights of a trained net lie far inside its range

@@ -1,6 +1,7 @@
 """Nothing of the user's is overwritten, and every file read is checked before use: each case a
 command line, or a crafted file, and the one line it must get (exit 2, no traceback, no file
 changed). In-process, through main(), with the checks a fresh interpreter would run."""
+import argparse
 import os
 import shutil
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import ddpm_mnist as dm
-from conftest import make_mnist, write_idx
+from conftest import cli, make_mnist, write_idx
 from test_cli import in_process, snapshot
 
 
@@ -62,6 +63,14 @@ def home(tmp_path_factory, tiny_run, mnist_dir, classifier):
     crafted("nan.pt", lambda c: c["ema"].__setitem__("stem.bias", c["ema"]["stem.bias"] * float("nan")))
     crafted("cfg_beta_T_1.0.pt", lambda c: c["config"].__setitem__("beta_T", 1.0))
     crafted("cfg_T_10.pt", lambda c: c["config"].__setitem__("T", 10))
+    crafted("cfg_lr_huge.pt", lambda c: c["config"].__setitem__("lr", 10 ** 400))
+    crafted("fp8.pt", lambda c: c.__setitem__("ema", {k: v.to(torch.float8_e4m3fn) for k, v in c["ema"].items()}))
+    crafted("sparse.pt", lambda c: c["ema"].__setitem__("stem.bias", c["ema"]["stem.bias"].to_sparse()))
+    clf = torch.load(classifier, weights_only=True)
+    torch.save(dict(clf, test_sigma=clf["test_sigma"] * float("nan")), h / "clf_nan.pt")
+    import zipfile
+    with zipfile.ZipFile(h / "text.npz", "w") as z:                  # a zip, but no .npy in it
+        z.writestr("readme.txt", "not an array")
 
     def misshape_moment(c):
         c["opt"] = {"state": {i: dict(v) for i, v in c["opt"]["state"].items()},
@@ -70,7 +79,11 @@ def home(tmp_path_factory, tiny_run, mnist_dir, classifier):
     for name, change in [("expavg", misshape_moment),
                          ("bins", lambda c: c.__setitem__("bin_loss_sums", "abc")),
                          ("histrow", lambda c: c.__setitem__("history", [{"epoch": "one"}])),
-                         ("cuda", lambda c: c.__setitem__("device", "cuda (NVIDIA H100 80GB HBM3)"))]:
+                         ("cuda", lambda c: c.__setitem__("device", "cuda (NVIDIA H100 80GB HBM3)")),
+                         ("bigsec", lambda c: c.__setitem__("seconds", 10 ** 400)),
+                         ("eps", lambda c: c["opt"].__setitem__("param_groups",
+                                                                [dict(c["opt"]["param_groups"][0], eps="x")])),
+                         ("scaler", lambda c: c.__setitem__("scaler", {"scale": "x"}))]:
         (h / f"run_{name}").mkdir()
         crafted(f"run_{name}/ckpt.pt", change)
     make_mnist(h / "data_small", n_train=128)
@@ -152,6 +165,14 @@ CASES = [  # (command line, words the one line must hold)
     ("train --run-dir run_bins --resume --epochs 3 --data-dir data", "bin_loss_sums"),
     ("train --run-dir run_histrow --resume --epochs 3 --data-dir data", "seconds or history"),
     ("train --run-dir run_cuda --resume --epochs 3 --data-dir data", "resume it with --device cuda"),
+    ("train --run-dir run_bigsec --resume --epochs 3 --data-dir data", "seconds or history"),
+    ("train --run-dir run_eps --resume --epochs 3 --data-dir data", "optimizer eps 'x'"),
+    ("train --run-dir run_scaler --resume --epochs 3 --data-dir data", "(ValueError: scaler)"),
+    ("sample --ckpt cfg_lr_huge.pt --out out/s.png", "config lr"),
+    ("sample --ckpt fp8.pt --out out/s.png", "--ckpt: its weights do not fit"),
+    ("sample --ckpt sparse.pt --out out/s.png", "--ckpt: its weights do not fit"),
+    ("evaluate --samples s.npz --classifier clf_nan.pt", "--classifier clf_nan.pt: not an evaluation"),
+    ("evaluate --samples text.npz --classifier clf.pt", "--samples text.npz: not a readable .npz"),
     ("sample --ckpt nan.pt --out out/s.png", "--ckpt: 1 of its weight tensors hold NaN"),
     ("sample --ckpt cfg_beta_T_1.0.pt --out out/s.png", "config beta_T 1.0: need a number above 0 and at most 0.999"),
     ("sample --ckpt cfg_T_10.pt --out out/s.png", "--steps 50: this model has T=10 timesteps"),
@@ -180,11 +201,15 @@ def test_each_case_is_one_line_exit_2_and_changes_nothing(home):
 @pytest.mark.parametrize("env, words", [
     (dict(WORLD_SIZE="2", RANK="0"), "WORLD_SIZE='2'"), (dict(WORLD_SIZE="0"), "WORLD_SIZE='0'"),
     (dict(WORLD_SIZE="-1"), "WORLD_SIZE='-1'"), (dict(WORLD_SIZE="abc"), "WORLD_SIZE='abc'"),
-    (dict(WORLD_SIZE="2", RANK="5", MASTER_ADDR="localhost"), "torchrun")])
+    (dict(WORLD_SIZE="2", RANK="5", MASTER_ADDR="localhost"), "torchrun"),
+    (dict(WORLD_SIZE="0", RANK="0", TORCHELASTIC_RUN_ID="x", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+          MASTER_ADDR="localhost", MASTER_PORT="29511"), "WORLD_SIZE at least 1"),
+    (dict(WORLD_SIZE="2", RANK="x", TORCHELASTIC_RUN_ID="x", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+          MASTER_ADDR="localhost", MASTER_PORT="29511"), "RANK='x'")])
 def test_torchrun_variables_set_by_hand_are_one_line_not_a_wait(home, monkeypatch, env, words):
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     r = in_process(["train", "--run-dir", "new", "--data-dir", "data", "--device", "cpu"], home)
     assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (home / "new").exists()
@@ -254,10 +279,14 @@ def test_overwrite_removes_the_runs_own_files_and_nothing_else(mnist_dir, tmp_pa
     args = ["train", "--channels", "8,8,16,16", "--batch-size", "32", "--grid-n", "4", "--device", "cpu",
             "--data-dir", str(mnist_dir), "--run-dir", str(run)]
     dm.main([*args, "--epochs", "2"])
-    (run / "notes.txt").write_text("mine")
+    mine = ["notes.txt", ".thesis.tmp", "grid_epoch_mine_final.png", "grid_epoch_photos.png"]
+    for name in mine[:3]:
+        (run / name).write_text("mine")
+    (run / mine[3]).mkdir()                                  # a folder named like a grid
+    (run / f".ckpt.pt.{dm.HOST}-1.ddpm_mnist.tmp").write_text("a killed write's")
     dm.main([*args, "--epochs", "1", "--overwrite"])
-    assert sorted(f.name for f in run.iterdir()) == ["ckpt.pt", "config.json", "grid_epoch001.png", "loss.csv",
-                                                     "notes.txt"]
+    assert sorted(f.name for f in run.iterdir()) == sorted(["ckpt.pt", "config.json", "grid_epoch001.png",
+                                                            "loss.csv", *mine])
     assert len((run / "loss.csv").read_text().splitlines()) == 2
 
 
@@ -314,3 +343,60 @@ def test_evaluate_refuses_a_bad_classifier_or_missing_test_digits_before_samplin
                      *extra])
         err = capsys.readouterr().err
         assert e.value.code == 2 and words in err and err.count("\n") == 1, err
+
+
+def test_an_empty_run_dir_is_named_not_taken_for_the_current_folder(home):
+    r = in_process(["train", "--run-dir", "", "--data-dir", "data", "--device", "cpu", "--overwrite"], home)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --run-dir: empty; name the run's folder"
+
+
+OVER_A_LIMIT = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)     # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+sys.path.insert(0, sys.argv[1])
+import ddpm_mnist
+ddpm_mnist.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("command, code", [("export", 2), ("train", 1), ("sample", 2)])
+def test_a_write_the_system_refuses_is_one_line_naming_the_file(tiny_run, mnist_dir, tmp_path, command, code):
+    """Files may not exceed 60 kB here (RLIMIT_FSIZE, as a full disk or a quota refuses a write):
+    torch.save's own error for it, and numpy's and PIL's, become one line naming the file, no
+    temporary or half-written file stays; a run under way ends with exit code 1."""
+    import subprocess, sys
+    out = tmp_path / "out"
+    out.mkdir()
+    ckpt = str(tiny_run / "ckpt.pt")
+    argv = {"export": ["export", "--ckpt", ckpt, "--out", str(out / "e.pt")],
+            "sample": ["sample", "--ckpt", ckpt, "--n", "2000", "--steps", "1", "--format", "npz",
+                       "--out", str(out / "s.npz"), "--device", "cpu"],
+            "train": ["train", "--channels", "8,8,16,16", "--batch-size", "32", "--epochs", "1",
+                      "--grid-n", "0", "--data-dir", str(mnist_dir), "--run-dir", str(out / "run"),
+                      "--device", "cpu"]}[command]
+    r = subprocess.run([sys.executable, "-c", OVER_A_LIMIT, os.path.dirname(dm.__file__), *argv],
+                       capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == code and "Traceback" not in r.stderr, r.stderr[-600:]
+    assert "File too large" in lines[-1] and str(out) in lines[-1], lines[-1]
+    left = sorted(p.name for p in out.rglob("*"))
+    assert left == (["config.json", "run"] if command == "train" else []), left
+
+
+def test_torchs_warnings_about_a_crafted_file_stay_off_the_one_line(home):
+    """A sparse tensor makes torch.load warn on stderr; the user still sees one line."""
+    r = cli("sample", "--ckpt", "sparse.pt", "--out", "out/s.png", "--device", "cpu", cwd=home)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "its weights do not fit" in r.stderr
+
+
+def test_small_inputs_are_stated_as_they_are(tmp_path, capsys):
+    """forward draws as many digits as the data set has and says so; a device index must be
+    ASCII digits ('cuda:²' passes str.isdigit but not int)."""
+    make_mnist(tmp_path / "four", n_train=4)
+    dm.main(["forward", "--data-dir", str(tmp_path / "four"), "--n", "16", "--out", str(tmp_path / "f.png")])
+    assert "wrote" in (out := capsys.readouterr().out) and ": 4 digits at t" in out
+    for bad in ("cuda:²", "cuda:０", "cuda:"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            dm.device_arg(bad)
+    assert dm.device_arg("cuda:1") == "cuda:1"

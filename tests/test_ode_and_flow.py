@@ -293,6 +293,10 @@ def test_a_flow_model_samples_with_euler_and_refuses_the_noise_samplers(flow_run
                      "--out", str(tmp_path / "x.png"), "--device", "cpu"])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and "--sampler" in err
+    with pytest.raises(SystemExit) as e:                 # Euler's steps have no x_0 to clip
+        dm.main(["sample", "--ckpt", str(ckpt), "--no-clip", "--n", "2",
+                 "--out", str(tmp_path / "x.png"), "--device", "cpu"])
+    assert e.value.code == 2 and "--no-clip" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 
