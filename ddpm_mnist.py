@@ -2011,7 +2011,11 @@ def write_samples(images, out, fmt, labels=None):
         arrays = dict(images=images.numpy())
         if labels is not None:
             arrays["labels"] = labels.numpy()
-        atomic_write(out, lambda f: np.savez_compressed(f, **arrays))
+        # compressed in memory first: numpy before 2.0 leaves its zip file open when a write
+        # fails, and closing it later prints a second error
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        atomic_write(out, lambda f: f.write(buf.getbuffer()))
     else:
         write_png_dir(images, Path(out))
 
