@@ -861,7 +861,7 @@ def is_number(v):
     """A finite int or float that a float can hold (a crafted 10**400 is not)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return False
-    return abs(v) <= sys.float_info.max and not (isinstance(v, float) and math.isnan(v))
+    return abs(v) <= sys.float_info.max           # False for inf and NaN too
 
 def check_number(name, v, what):
     """v held to RANGES[name]; `what` names the flag or the file, and the value, in the refusal."""
@@ -937,13 +937,18 @@ def count_params(model):
 TEMP_END = ".ddpm_mnist.tmp"       # the end of every temporary name atomic_write makes
 HOST = platform.node()[:40]        # in it: a folder may be shared by several machines
 
+def temp_name(path):
+    """.NAME.HOST-PID.ddpm_mnist.tmp beside `path`, NAME cut to 150 bytes so that the whole
+    fits the 255 a name may have."""
+    name = path.name.encode()[:150].decode(errors="ignore")
+    return path.with_name(f".{name}.{HOST}-{os.getpid()}{TEMP_END}")
+
 def atomic_write(path, write):
     """write(f) into a temporary file beside `path`, fsync it, then rename it over `path`: a kill,
     or a power cut, at any instant leaves the old file or the new one, never half of one."""
     path = Path(path)
     remove_stale_temps(path.parent)
-    # .NAME.HOST-PID.ddpm_mnist.tmp, cut to fit the 255 bytes a name may have
-    tmp = path.with_name(f".{path.name[:150]}.{HOST}-{os.getpid()}{TEMP_END}")
+    tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -953,7 +958,7 @@ def atomic_write(path, write):
     except Exception as e:
         raise_os_error(e, path)
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
 
 def raise_os_error(e, path):
@@ -965,21 +970,31 @@ def raise_os_error(e, path):
         raise e
     raise OSError(os_error.errno, os_error.strerror, str(path)) from None
 
+def stale_temp(f):
+    """Whether `f` is a temporary file or folder of this program's, made on this machine by a
+    process that no longer runs: a kill's leftover."""
+    if not f.name.endswith(TEMP_END) or os.name == "nt":    # Windows: os.kill(pid, 0) ends it
+        return False
+    host, _, pid = f.name[:-len(TEMP_END)].rpartition("-")
+    ours = host.endswith("." + HOST) and pid.isascii() and pid.isdigit()
+    return ours and not running(int(pid))
+
 SWEPT = set()                      # the folders this process has cleared of stale temporaries
 
 def remove_stale_temps(folder):
-    """Remove the temporary files that killed writes on this machine left in `folder`:
-    atomic_write's, whose process no longer runs. Once per folder and process, as a folder of
-    50,000 PNGs is not listed 50,000 times."""
+    """Remove the kills' leftovers in `folder` (stale_temp). Once per folder and process, as a
+    folder of 50,000 PNGs is not listed 50,000 times."""
     key = os.path.realpath(folder)
-    if key in SWEPT or os.name == "nt":     # Windows: os.kill(pid, 0) would end the process
+    if key in SWEPT:
         return
     SWEPT.add(key)
     for f in Path(folder).glob(".*" + TEMP_END):
-        host, _, pid = f.name[:-len(TEMP_END)].rpartition("-")
-        ours = host.endswith("." + HOST) and pid.isdigit()
-        if ours and not running(int(pid)):
-            with contextlib.suppress(OSError):              # not ours to insist on
+        if not stale_temp(f):
+            continue
+        with contextlib.suppress(OSError):                  # not ours to insist on
+            if f.is_dir() and not f.is_symlink():
+                shutil.rmtree(f)                            # a png-dir's
+            else:
                 f.unlink()
 
 def running(pid):
@@ -1334,11 +1349,13 @@ def start_processes(args, cfg):
                         f"{', '.join(missing)}: several processes start with torchrun, "
                         "which sets them all")
     numbers = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-    odd = [k for k in numbers if not (env[k].isascii() and env[k].isdigit())]
-    if odd or int(env["WORLD_SIZE"]) < 1 or int(env["RANK"]) >= int(env["WORLD_SIZE"]):
-        shown = ", ".join(f"{k}={env[k]!r}" for k in numbers)
-        raise UserError(f"environment {shown}: need whole numbers, WORLD_SIZE at least 1 and "
-                        "RANK below it; start the processes with torchrun, which sets them")
+    odd = [k for k in numbers if not (env[k].isascii() and env[k].isdigit() and len(env[k]) < 7)]
+    n = {k: int(env[k]) for k in numbers} if not odd else {}
+    if odd or not (n["RANK"] < n["WORLD_SIZE"] and n["LOCAL_RANK"] < n["LOCAL_WORLD_SIZE"]):
+        shown = ", ".join(f"{k}={env[k][:20]!r}" for k in numbers)
+        raise UserError(f"environment {shown}: need whole numbers, RANK below WORLD_SIZE and "
+                        "LOCAL_RANK below LOCAL_WORLD_SIZE; start the processes with torchrun, "
+                        "which sets them")
     rank, local_rank = int(env["RANK"]), int(env["LOCAL_RANK"])
     world = int(env["WORLD_SIZE"])
     local_world = int(env["LOCAL_WORLD_SIZE"])     # the processes on this machine
@@ -1375,8 +1392,9 @@ def join_group(device, rank, world):
     group's timeout then grows to GROUP_TIMEOUT, since every collective keeps it: the others
     wait for process 0 while it downloads the data, writes a checkpoint or draws a grid."""
     backend = "nccl" if device.type == "cuda" else "gloo"
-    try:
+    try:                             # NCCL connects at the first collective: inside the minute
         torch.distributed.init_process_group(backend, timeout=timedelta(minutes=1))
+        torch.distributed.barrier()
     except Exception as e:
         # a store that timed out, an address that does not answer
         raise UserError(f"torchrun: process {rank} could not join the other {world - 1} "
@@ -1407,7 +1425,11 @@ def read_data(cfg, data_dir, train=True):
     made = [d for d in (raw, raw.parent, Path(data_dir)) if not d.exists()]
     split = "training" if train else "test"
     load = load_cifar10 if cfg.dataset == "cifar10" else load_mnist
-    import torchvision               # here: an import that fails is not the data set's fault
+    try:                             # here: an import that fails is not the data set's fault
+        import torchvision
+    except ImportError as e:
+        raise UserError(f"torchvision is needed to read the data sets ({first_line(e)}); "
+                        "pip install -r requirements.txt") from None
     # torchvision before 0.20 prints every download attempt on stdout: kept off it
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -1528,7 +1550,7 @@ def same_kind(v, want):
     if isinstance(want, bool):
         return isinstance(v, bool)
     if isinstance(want, tuple):
-        return isinstance(v, (tuple, list)) and all(map(is_number, v))
+        return isinstance(v, (tuple, list)) and len(v) == len(want) and all(map(is_number, v))
     return is_number(v) or not is_number(want)
 
 def check_options(ckpt, groups):
@@ -1647,7 +1669,8 @@ def claim_run_folder(run_dir, overwrite, cfg):
         save_text(json.dumps(asdict(cfg), indent=2) + "\n", folder / "config.json")
     except OSError:                  # a full disk: leave no empty run folder behind
         if made:
-            folder.rmdir()
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     return lock
 
@@ -2021,8 +2044,11 @@ def write_samples(images, out, fmt, labels=None):
 
 def write_png_dir(images, out):
     """One PNG per sample, written into a temporary folder beside `out` and renamed to it at
-    the end, as atomic_write does for a file: a failure leaves no half-written folder."""
-    tmp = out.with_name(f".{out.name[:150]}.{HOST}-{os.getpid()}{TEMP_END}")
+    the end: an error leaves no half-written folder."""
+    out = Path(os.path.realpath(out))    # a link to an empty folder: the folder
+    remove_stale_temps(out.parent)
+    tmp = temp_name(out)
+    shutil.rmtree(tmp, ignore_errors=True)      # this PID's own, from a killed earlier life
     tmp.mkdir()
     try:
         for i, im in enumerate(images):
@@ -2031,8 +2057,7 @@ def write_png_dir(images, out):
     except Exception as e:
         raise_os_error(e, out)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 # the most samples --n makes, with labels: 32 x 32 x 3 bytes and an int64 each, 1 MiB to spare
 NPZ_LIMIT = RANGES["n"][2] * (32 * 32 * 3 + 8) + 2 ** 20
@@ -2782,12 +2807,15 @@ RESUME_MAY_CHANGE = ("epochs", "grid_n")
 RUN_FILES = ("ckpt.pt", "config.json", "loss.csv", "grid_epoch*.png")   # what train writes
 
 def run_files(folder):
-    """A run's own files in `folder`: the RUN_FILES, grids named as save_books names them
-    (grid_epoch001.png), and the temporary files of its killed writes; regular files only."""
+    """A run's own files in `folder`: its checkpoint, config and loss.csv, the grids as
+    save_books names them (grid_epoch001.png), and its killed writes' temporaries; regular
+    files only."""
     def own(f):
-        grid = f.name.startswith("grid_epoch") and f.name[10:-4].isdigit()
-        named = f.name in RUN_FILES[:3] or grid and f.suffix == ".png"
-        return (named or f.name.endswith(TEMP_END)) and f.is_file() and not f.is_symlink()
+        number = f.name[len("grid_epoch"):-len(".png")]
+        grid = f.name.startswith("grid_epoch") and f.name.endswith(".png") \
+            and number.isascii() and number.isdigit()
+        named = f.name in RUN_FILES or grid or stale_temp(f)
+        return named and f.is_file() and not f.is_symlink()
     return sorted(f for f in Path(folder).iterdir() if own(f))
 
 def lock_folder(folder):
@@ -2843,7 +2871,7 @@ def check_new_run(args):
         raise UserError(f"--run-dir {args.run_dir}: already holds a checkpoint; "
                         "add --resume to continue it or --overwrite to start over")
     if folder.is_dir() and any(folder.iterdir()) and not args.overwrite:
-        own = ", ".join(RUN_FILES[:4])
+        own = ", ".join(RUN_FILES)
         raise UserError(f"--run-dir {args.run_dir}: holds files but no checkpoint; "
                         "give a new or empty folder, or --overwrite to remove "
                         f"a run's own files there ({own}) and train in it")

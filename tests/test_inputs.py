@@ -83,7 +83,9 @@ def home(tmp_path_factory, tiny_run, mnist_dir, classifier):
                          ("bigsec", lambda c: c.__setitem__("seconds", 10 ** 400)),
                          ("eps", lambda c: c["opt"].__setitem__("param_groups",
                                                                 [dict(c["opt"]["param_groups"][0], eps="x")])),
-                         ("scaler", lambda c: c.__setitem__("scaler", {"scale": "x"}))]:
+                         ("scaler", lambda c: c.__setitem__("scaler", {"scale": "x"})),
+                         ("betas", lambda c: c["opt"].__setitem__("param_groups",
+                                                                  [dict(c["opt"]["param_groups"][0], betas=[0.9])]))]:
         (h / f"run_{name}").mkdir()
         crafted(f"run_{name}/ckpt.pt", change)
     make_mnist(h / "data_small", n_train=128)
@@ -168,6 +170,7 @@ CASES = [  # (command line, words the one line must hold)
     ("train --run-dir run_bigsec --resume --epochs 3 --data-dir data", "seconds or history"),
     ("train --run-dir run_eps --resume --epochs 3 --data-dir data", "optimizer eps 'x'"),
     ("train --run-dir run_scaler --resume --epochs 3 --data-dir data", "(ValueError: scaler)"),
+    ("train --run-dir run_betas --resume --epochs 3 --data-dir data", "optimizer betas [0.9]"),
     ("sample --ckpt cfg_lr_huge.pt --out out/s.png", "config lr"),
     ("sample --ckpt fp8.pt --out out/s.png", "--ckpt: its weights do not fit"),
     ("sample --ckpt sparse.pt --out out/s.png", "--ckpt: its weights do not fit"),
@@ -203,9 +206,11 @@ def test_each_case_is_one_line_exit_2_and_changes_nothing(home):
     (dict(WORLD_SIZE="-1"), "WORLD_SIZE='-1'"), (dict(WORLD_SIZE="abc"), "WORLD_SIZE='abc'"),
     (dict(WORLD_SIZE="2", RANK="5", MASTER_ADDR="localhost"), "torchrun"),
     (dict(WORLD_SIZE="0", RANK="0", TORCHELASTIC_RUN_ID="x", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-          MASTER_ADDR="localhost", MASTER_PORT="29511"), "WORLD_SIZE at least 1"),
+          MASTER_ADDR="localhost", MASTER_PORT="29511"), "RANK below WORLD_SIZE"),
     (dict(WORLD_SIZE="2", RANK="x", TORCHELASTIC_RUN_ID="x", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-          MASTER_ADDR="localhost", MASTER_PORT="29511"), "RANK='x'")])
+          MASTER_ADDR="localhost", MASTER_PORT="29511"), "RANK='x'"),
+    (dict(WORLD_SIZE="2", RANK="0", TORCHELASTIC_RUN_ID="x", LOCAL_RANK="3", LOCAL_WORLD_SIZE="2",
+          MASTER_ADDR="localhost", MASTER_PORT="29511"), "LOCAL_RANK below LOCAL_WORLD_SIZE")])
 def test_torchrun_variables_set_by_hand_are_one_line_not_a_wait(home, monkeypatch, env, words):
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     for k, v in env.items():
@@ -283,7 +288,13 @@ def test_overwrite_removes_the_runs_own_files_and_nothing_else(mnist_dir, tmp_pa
     for name in mine[:3]:
         (run / name).write_text("mine")
     (run / mine[3]).mkdir()                                  # a folder named like a grid
-    (run / f".ckpt.pt.{dm.HOST}-1.ddpm_mnist.tmp").write_text("a killed write's")
+    import subprocess, sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()                  # a process now ended
+    (run / f".ckpt.pt.{dm.HOST}-{dead}.ddpm_mnist.tmp").write_text("a killed write's")
+    mine += [f".ckpt.pt.{dm.HOST}-1.ddpm_mnist.tmp", "x.ddpm_mnist.tmp", "grid_epoch\u0661.png"]
+    for name in mine[4:]:                                    # a live process's; look-alikes
+        (run / name).write_text("mine")
     dm.main([*args, "--epochs", "1", "--overwrite"])
     assert sorted(f.name for f in run.iterdir()) == sorted(["ckpt.pt", "config.json", "grid_epoch001.png",
                                                             "loss.csv", *mine])
@@ -400,3 +411,17 @@ def test_small_inputs_are_stated_as_they_are(tmp_path, capsys):
         with pytest.raises(argparse.ArgumentTypeError):
             dm.device_arg(bad)
     assert dm.device_arg("cuda:1") == "cuda:1"
+
+
+def test_names_and_links_the_system_takes_are_written(tiny_run, tmp_path):
+    """A name of 244 bytes (80 CJK characters and .png) fits the system's 255, so its temporary
+    name must too; a png-dir --out that is a link to an empty folder fills that folder."""
+    base = ["sample", "--ckpt", str(tiny_run / "ckpt.pt"), "--n", "2", "--steps", "2", "--device", "cpu"]
+    long_name = tmp_path / ("\u6570" * 80 + ".png")
+    dm.main(base + ["--out", str(long_name)])
+    assert long_name.exists() and sorted(p.name for p in tmp_path.iterdir()) == [long_name.name]
+    (tmp_path / "pngs").mkdir()
+    os.symlink(tmp_path / "pngs", tmp_path / "link")
+    dm.main(base + ["--format", "png-dir", "--out", str(tmp_path / "link")])
+    assert sorted(p.name for p in (tmp_path / "pngs").iterdir()) == ["000000.png", "000001.png"]
+    assert (tmp_path / "link").is_symlink()
