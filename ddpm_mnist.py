@@ -1342,6 +1342,21 @@ def start_processes(args, cfg):
     device = resolve_device(args.device)
     if not several:
         return device, 0, 1
+    rank, local_rank, world, local_world = torchrun_numbers(env)
+    if cfg.batch_size % world:
+        raise UserError(f"--batch-size {cfg.batch_size}: must divide evenly over the "
+                        f"{world} processes (it is the global batch)")
+    device = process_device(args.device, device, local_rank, local_world)
+    join_group(device, rank, world)
+    # one download, not one per process into the same folder
+    if rank == 0:
+        read_data(cfg, args.data_dir)
+    torch.distributed.barrier()
+    return device, rank, world
+
+def torchrun_numbers(env):
+    """(RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE) as torchrun sets them, each checked:
+    one wrong by hand would leave a process waiting, or fail deep inside torch."""
     needed = ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     missing = [k for k in needed if not env.get(k, "").strip()]
     if missing:
@@ -1356,19 +1371,7 @@ def start_processes(args, cfg):
         raise UserError(f"environment {shown}: need whole numbers, RANK below WORLD_SIZE and "
                         "LOCAL_RANK below LOCAL_WORLD_SIZE; start the processes with torchrun, "
                         "which sets them")
-    rank, local_rank = int(env["RANK"]), int(env["LOCAL_RANK"])
-    world = int(env["WORLD_SIZE"])
-    local_world = int(env["LOCAL_WORLD_SIZE"])     # the processes on this machine
-    if cfg.batch_size % world:
-        raise UserError(f"--batch-size {cfg.batch_size}: must divide evenly over the "
-                        f"{world} processes (it is the global batch)")
-    device = process_device(args.device, device, local_rank, local_world)
-    join_group(device, rank, world)
-    # one download, not one per process into the same folder
-    if rank == 0:
-        read_data(cfg, args.data_dir)
-    torch.distributed.barrier()
-    return device, rank, world
+    return n["RANK"], n["LOCAL_RANK"], n["WORLD_SIZE"], n["LOCAL_WORLD_SIZE"]
 
 def process_device(flag, device, local_rank, local_world):
     """This process's device: CUDA device local_rank, one per process, or the CPU."""
